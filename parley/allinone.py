@@ -1,0 +1,116 @@
+"""The all-in-one runner: every service in one process, mounted by the routing table.
+
+Each service is the very app ``parley serve`` runs, mounted as a sub-application whose rule
+matches exactly the paths of its rows in ``shared/routing.py``; a path of no row answers the
+404 envelope. The services share one Mongo client and one bus (in-process, or RabbitMQ when
+``PARLEY_AMQP_URL`` is set) and verify credentials through the auth service in-process.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Callable, Mapping
+
+from aiohttp import web
+from aiohttp.web_urldispatcher import AbstractRuleMatching, MatchedSubAppResource, _InfoDict
+
+from services.auth.app import create_app as create_auth
+from shared.bus import Bus, LocalBus, RabbitBus
+from shared.errors import error_middleware
+from shared.logs import request_context_middleware
+from shared.mongo import make_client
+from shared.routing import path_regex, service_paths
+from shared.settings import Settings
+from shared.web import BUS, DB, SETTINGS, Deps, healthz
+
+ServiceFactory = Callable[[Settings, Deps], web.Application]
+
+# The services this build serves, in start order (auth first: the others verify through it).
+SERVICE_FACTORIES: dict[str, ServiceFactory] = {
+    "auth": create_auth,
+}
+
+
+class TableRule(AbstractRuleMatching):
+    """Matches the request paths that the routing table gives to one service."""
+
+    def __init__(self, service: str) -> None:
+        self._service = service
+        self._regex = re.compile("|".join(f"(?:{path_regex(p)})" for p in service_paths(service)))
+
+    async def match(self, request: web.Request) -> bool:
+        return self._regex.match(request.path) is not None
+
+    def get_info(self) -> _InfoDict:
+        return {"path": self.canonical}
+
+    @property
+    def canonical(self) -> str:
+        return f"<routing table: {self._service}>"
+
+
+def make_bus(settings: Settings, name: str = "parley") -> Bus:
+    if settings.amqp_url:
+        return RabbitBus(
+            settings.amqp_url,
+            exchange=settings.amqp_exchange,
+            prefetch=settings.amqp_prefetch,
+            publish_timeout=settings.publish_timeout,
+            connection_name=name,
+        )
+    return LocalBus()
+
+
+def create_allinone_app(
+    settings: Settings,
+    factories: Mapping[str, ServiceFactory] = SERVICE_FACTORIES,
+    deps: Deps | None = None,
+) -> web.Application:
+    deps = deps or Deps()
+    edge = web.Application(
+        middlewares=[
+            request_context_middleware("edge", settings.request_id_header),
+            error_middleware,
+        ]
+    )
+    edge[SETTINGS] = settings
+    edge.router.add_get("/healthz", healthz)
+
+    async def shared_resources(app: web.Application) -> AsyncIterator[None]:
+        client = None
+        if deps.db is None:
+            client = make_client(settings.mongo_url)
+            deps.db = client[settings.mongo_db]
+        own_bus = deps.bus is None
+        if deps.bus is None:
+            deps.bus = make_bus(settings, "parley-all-in-one")
+            await deps.bus.start()
+        app[DB] = deps.db
+        app[BUS] = deps.bus
+        try:
+            yield
+        finally:
+            if own_bus:
+                await deps.bus.close()
+            if client is not None:
+                await client.close()
+
+    services = [(name, factory(settings, deps)) for name, factory in factories.items()]
+    for name, service in services:
+        service.freeze()
+        edge.router.register_resource(MatchedSubAppResource(TableRule(name), service))
+
+    async def run_services(app: web.Application) -> AsyncIterator[None]:
+        started: list[web.Application] = []
+        try:
+            for _, service in services:
+                started.append(service)
+                await service.startup()
+            yield
+        finally:
+            for service in reversed(started):
+                await service.shutdown()
+                await service.cleanup()
+
+    edge.cleanup_ctx.extend([shared_resources, run_services])
+    return edge

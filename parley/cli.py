@@ -1,0 +1,261 @@
+"""The ``parley`` command: run everything, serve one service, render the edge configuration,
+and manage apps. ``parley --help`` and ``parley COMMAND --help`` describe every option; the
+README lists them too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from parley.allinone import SERVICE_FACTORIES, create_allinone_app
+from parley.servers import ServerError, start_ferretdb
+from services.auth.domain import AuthDomain
+from services.auth.repository import INDEXES as AUTH_INDEXES
+from services.auth.repository import AuthRepository
+from shared.gateway import render_ingress, render_nginx
+from shared.logs import configure_logging
+from shared.mongo import ensure_indexes, make_client
+from shared.routing import SERVICES
+from shared.settings import EMBEDDED_MONGO_ADDR, Settings, split_addr
+
+
+def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
+    overrides = {
+        key: value
+        for key, value in {
+            "http_addr": getattr(args, "http_addr", None),
+            "mongo_url": getattr(args, "mongo_url", None),
+            "amqp_url": getattr(args, "amqp_url", None),
+            "auth_url": getattr(args, "auth_url", None),
+            **extra,
+        }.items()
+        if value is not None
+    }
+    return Settings(**overrides)
+
+
+def _run_app(app: web.Application, settings: Settings) -> None:
+    host, port = split_addr(settings.http_addr)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        pass
+    web.run_app(app, host=host, port=port, print=None, access_log=None)
+
+
+# ---- parley run ---------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    ferret = None
+    extra: dict[str, Any] = {}
+    if args.mongo_url is None:
+        data_dir = Path(args.data).resolve()
+        try:
+            ferret = start_ferretdb(data_dir / "mongo", args.embedded_mongo_addr)
+        except ServerError as exc:
+            print(f"parley: {exc}", file=sys.stderr)
+            return 1
+        extra["mongo_url"] = f"mongodb://{args.embedded_mongo_addr}/"
+    settings = _settings(args, **extra)
+    configure_logging(json=settings.log_json, level=settings.log_level)
+    app = create_allinone_app(settings)
+
+    async def announce(app: web.Application) -> None:
+        await _print_welcome(settings)
+
+    app.on_startup.append(announce)
+    try:
+        _run_app(app, settings)
+    finally:
+        if ferret is not None:
+            ferret.stop()
+    return 0
+
+
+async def _print_welcome(settings: Settings) -> None:
+    client = make_client(settings.mongo_url)
+    try:
+        db = client[settings.mongo_db]
+        await ensure_indexes(db, AUTH_INDEXES)
+        auth = AuthDomain(AuthRepository(db), None, settings)
+        apps = await auth.list_apps()
+        created = not apps
+        if created:
+            apps = [await auth.create_app("demo")]
+    finally:
+        await client.close()
+    app = apps[0]
+    host, port = split_addr(settings.http_addr)
+    base = f"http://{host}:{port}"
+    basic = f"{app.appid}:{hashlib.md5(app.secret.encode()).hexdigest()}"
+    bus = "RabbitMQ" if settings.amqp_url else "in-process"
+    lines = [
+        f"Parley is listening on {base} (services: {', '.join(SERVICE_FACTORIES)}; bus: {bus})",
+        f"MongoDB: {settings.mongo_url} database {settings.mongo_db!r}",
+    ]
+    if created:
+        lines.append("Created a demo app:")
+    else:
+        lines.append(f"Apps: {len(apps)} (first shown; `parley app list` shows all)")
+    lines += [
+        f"  appid:  {app.appid}",
+        f"  key:    {app.key}",
+        f"  secret: {app.secret}",
+        "Grant a token to user 1:",
+        f'  curl -s -u {basic} -d \'{{"uid":1,"user_name":"alice"}}\' {base}/auth/grant',
+        "",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+# ---- parley serve -------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    configure_logging(json=settings.log_json, level=settings.log_level)
+    if not settings.amqp_url:
+        print("parley serve: --amqp-url (or PARLEY_AMQP_URL) is required", file=sys.stderr)
+        return 2
+    factory = SERVICE_FACTORIES.get(args.service)
+    if factory is None:
+        print(f"parley serve: service {args.service!r} is not built yet", file=sys.stderr)
+        return 2
+    from shared.web import Deps
+
+    _run_app(factory(settings, Deps()), settings)
+    return 0
+
+
+# ---- parley gateway-config ----------------------------------------------------------------
+
+
+def cmd_gateway_config(args: argparse.Namespace) -> int:
+    if args.format == "ingress":
+        sys.stdout.write(render_ingress(host=args.host, namespace=args.namespace))
+        return 0
+    upstreams: dict[str, list[str]] = {}
+    for item in args.upstream or []:
+        service, sep, addr = item.partition("=")
+        if not sep or service not in SERVICES:
+            print(f"parley gateway-config: bad --upstream {item!r}", file=sys.stderr)
+            return 2
+        try:
+            split_addr(addr)
+        except ValueError as exc:
+            print(f"parley gateway-config: {exc}", file=sys.stderr)
+            return 2
+        upstreams.setdefault(service, []).append(addr)
+    sys.stdout.write(render_nginx(upstreams, listen=args.listen))
+    return 0
+
+
+# ---- parley app ---------------------------------------------------------------------------
+
+
+async def _with_auth(settings: Settings, action: str, name: str | None) -> Any:
+    client = make_client(settings.mongo_url)
+    try:
+        db = client[settings.mongo_db]
+        await ensure_indexes(db, AUTH_INDEXES)
+        auth = AuthDomain(AuthRepository(db), None, settings)
+        if action == "create":
+            return await auth.create_app(name or "")
+        return await auth.list_apps()
+    finally:
+        await client.close()
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    configure_logging(level="warning")
+    try:
+        result = asyncio.run(_with_auth(settings, args.action, getattr(args, "name", None)))
+    except Exception as exc:
+        print(f"parley app: cannot reach MongoDB at {settings.mongo_url}: {exc}", file=sys.stderr)
+        return 1
+    apps = [result] if args.action == "create" else result
+    rows = [{"appid": a.appid, "key": a.key, "secret": a.secret, "name": a.name} for a in apps]
+    if args.action == "create":
+        row = {k: rows[0][k] for k in ("appid", "key", "secret")}
+        print(json.dumps(row) if args.json else "\n".join(f"{k}: {v}" for k, v in row.items()))
+    elif args.json:
+        print(json.dumps(rows))
+    else:
+        for row in rows:
+            print(f"{row['appid']}\t{row['name']}\tkey={row['key']}")
+    return 0
+
+
+# ---- argument parsing ---------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="parley", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="every service in one process (all-in-one)")
+    run.add_argument("--http-addr", default=None, help="HOST:PORT to listen on (127.0.0.1:8080)")
+    run.add_argument("--data", default="./parley-data", help="data directory (./parley-data)")
+    run.add_argument("--mongo-url", default=None, help="use this MongoDB instead of FerretDB")
+    run.add_argument("--amqp-url", default=None, help="use RabbitMQ instead of the in-process bus")
+    run.add_argument(
+        "--embedded-mongo-addr",
+        default=EMBEDDED_MONGO_ADDR,
+        help=f"where the embedded FerretDB listens ({EMBEDDED_MONGO_ADDR})",
+    )
+    run.set_defaults(func=cmd_run)
+
+    serve = sub.add_parser("serve", help="run one service")
+    serve.add_argument("service", choices=SERVICES)
+    serve.add_argument("--http-addr", default=None)
+    serve.add_argument("--mongo-url", default=None)
+    serve.add_argument("--amqp-url", default=None)
+    serve.add_argument("--auth-url", default=None, help="the auth service's base URL")
+    serve.set_defaults(func=cmd_serve)
+
+    gateway = sub.add_parser("gateway-config", help="render the edge configuration")
+    gateway.add_argument("--format", choices=("nginx", "ingress"), default="nginx")
+    gateway.add_argument(
+        "--upstream",
+        action="append",
+        metavar="SERVICE=HOST:PORT",
+        help="a replica of a service (repeat for each replica and service)",
+    )
+    gateway.add_argument("--listen", default="0.0.0.0:8080", help="nginx listen address")
+    gateway.add_argument("--host", default=None, help="Ingress host name")
+    gateway.add_argument("--namespace", default="parley", help="Ingress namespace")
+    gateway.set_defaults(func=cmd_gateway_config)
+
+    app = sub.add_parser("app", help="manage apps")
+    app_sub = app.add_subparsers(dest="action", required=True)
+    create = app_sub.add_parser("create", help="create an app; prints appid, key and secret")
+    create.add_argument("--name", required=True)
+    create.add_argument("--json", action="store_true")
+    create.add_argument("--mongo-url", default=None)
+    listing = app_sub.add_parser("list", help="list apps")
+    listing.add_argument("--json", action="store_true")
+    listing.add_argument("--mongo-url", default=None)
+    app.set_defaults(func=cmd_app)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

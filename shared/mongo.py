@@ -1,0 +1,36 @@
+"""MongoDB access through PyMongo's async API.
+
+Writes are acknowledged and journaled (``w=1, j=true``) before a handler answers. Each service
+owns its collections, named ``<service>_<thing>``, and declares their indexes in code; they are
+created at startup, before traffic, and a failure stops the service.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import structlog
+from pymongo import AsyncMongoClient, IndexModel
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+
+log = structlog.get_logger("parley.mongo")
+
+Document = dict[str, Any]
+Database = AsyncDatabase[Document]
+Collection = AsyncCollection[Document]
+
+
+def make_client(url: str, *, appname: str = "parley") -> AsyncMongoClient[Document]:
+    return AsyncMongoClient(url, w=1, journal=True, tz_aware=True, appname=appname)
+
+
+async def ensure_indexes(db: Database, declared: Mapping[str, Sequence[IndexModel]]) -> None:
+    """Create every declared index (a no-op for those that exist)."""
+    for collection, indexes in declared.items():
+        # One index per command: FerretDB 1.24 drops the connection when a multi-index
+        # createIndexes names indexes that already exist.
+        for index in indexes:
+            await db[collection].create_indexes([index])
+        log.debug("indexes ready", collection=collection, count=len(indexes))

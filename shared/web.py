@@ -1,0 +1,157 @@
+"""What every service app has in common: middleware, its rows of the routing table, ``/healthz``,
+and its resources as ``cleanup_ctx`` generators reached through typed ``AppKey``s.
+
+A service's ``create_app(settings, deps)`` calls ``service_app`` and appends its own contexts.
+``Deps`` carries process-wide resources: the all-in-one runner fills one (one Mongo client,
+one bus, the auth service's in-process verifier) and hands it to every service; a service run
+alone (``parley serve``) gets an empty one and opens its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from pymongo import IndexModel
+
+from shared.auth import CLIENT_IP_HEADER, VERIFIER, CachingVerifier, HttpVerifier, Verifier
+from shared.bus import Bus, RabbitBus
+from shared.errors import error_middleware
+from shared.http import MAX_BODY
+from shared.jsonio import json_response
+from shared.logs import request_context_middleware
+from shared.mongo import Collection, Database, ensure_indexes, make_client
+from shared.outbox import OutboxRelay
+from shared.routing import routes_for
+from shared.settings import Settings
+
+SETTINGS = web.AppKey("settings", Settings)
+DB = web.AppKey("db", Database)
+BUS = web.AppKey("bus", Bus)
+RELAY = web.AppKey("outbox_relay", OutboxRelay)
+
+
+@dataclass
+class Deps:
+    """Process-wide resources shared by the services of one process."""
+
+    db: Database | None = None
+    bus: Bus | None = None
+    verifier: Verifier | None = None
+
+
+CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
+
+
+def service_app(
+    service: str, settings: Settings, handlers: Mapping[str, Handler]
+) -> web.Application:
+    """A bare service app: middleware, its routing-table rows bound to ``handlers``, /healthz."""
+    app = web.Application(
+        middlewares=[
+            request_context_middleware(service, settings.request_id_header),
+            error_middleware,
+        ],
+        client_max_size=MAX_BODY,
+    )
+    app[SETTINGS] = settings
+    app[CLIENT_IP_HEADER] = settings.client_ip_header
+    for route in routes_for(service):
+        if route.handler not in handlers:
+            raise LookupError(f"service {service!r} has no handler {route.handler!r}")
+        app.router.add_route(route.method, route.path, handlers[route.handler])
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+def database_ctx(deps: Deps, indexes: Mapping[str, Sequence[IndexModel]]) -> CleanupCtx:
+    """The service's database (shared or its own client), with its indexes created."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        settings = app[SETTINGS]
+        client = None
+        if deps.db is not None:
+            app[DB] = deps.db
+        else:
+            client = make_client(settings.mongo_url)
+            app[DB] = client[settings.mongo_db]
+        try:
+            await ensure_indexes(app[DB], indexes)
+            yield
+        finally:
+            if client is not None:
+                await client.close()
+
+    return ctx
+
+
+def bus_ctx(deps: Deps, service: str) -> CleanupCtx:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        if deps.bus is not None:
+            app[BUS] = deps.bus
+            yield
+            return
+        settings = app[SETTINGS]
+        if not settings.amqp_url:
+            raise RuntimeError("PARLEY_AMQP_URL is required to run a service on its own")
+        bus = RabbitBus(
+            settings.amqp_url,
+            exchange=settings.amqp_exchange,
+            prefetch=settings.amqp_prefetch,
+            publish_timeout=settings.publish_timeout,
+            connection_name=f"parley-{service}",
+        )
+        await bus.start()
+        app[BUS] = bus
+        try:
+            yield
+        finally:
+            await bus.close()
+
+    return ctx
+
+
+def verifier_ctx(deps: Deps) -> CleanupCtx:
+    """Credential checks through the auth service (in-process when the runner provides it)."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        settings = app[SETTINGS]
+        inner: Verifier = deps.verifier or HttpVerifier(
+            settings.auth_url, internal_secret=settings.internal_secret
+        )
+        verifier = CachingVerifier(inner, settings.auth_cache_ttl)
+        app[VERIFIER] = verifier
+        try:
+            yield
+        finally:
+            if deps.verifier is None:
+                await verifier.close()
+
+    return ctx
+
+
+def outbox_ctx(collections: Callable[[Database], Sequence[Collection]]) -> CleanupCtx:
+    """Runs the outbox relay over the service's collections that carry outboxes."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        settings = app[SETTINGS]
+        relay = OutboxRelay(
+            collections(app[DB]),
+            app[BUS],
+            interval=settings.outbox_relay_interval,
+            grace=settings.outbox_grace,
+        )
+        app[RELAY] = relay
+        relay.start()
+        try:
+            yield
+        finally:
+            await relay.stop()
+
+    return ctx
