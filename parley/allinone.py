@@ -97,7 +97,7 @@ def create_allinone_app(
 
     services = [(name, factory(settings, deps)) for name, factory in factories.items()]
     for name, service in services:
-        service.freeze()
+        service.pre_freeze()  # routes and middleware fixed now; state is set at startup
         edge.router.register_resource(MatchedSubAppResource(TableRule(name), service))
 
     async def run_services(app: web.Application) -> AsyncIterator[None]:
@@ -106,6 +106,7 @@ def create_allinone_app(
             for _, service in services:
                 started.append(service)
                 await service.startup()
+                service.freeze()
             yield
         finally:
             for service in reversed(started):

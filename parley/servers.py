@@ -7,7 +7,6 @@ never on a sleep, and each stop terminates the process and waits for it.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import signal
@@ -179,7 +178,8 @@ def start_rabbitmq(base_dir: Path, port: int, *, timeout: float = 90.0) -> Proce
         "RABBITMQ_NODENAME": node,
         "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
         "RABBITMQ_NODE_PORT": str(port),
-        "RABBITMQ_DIST_PORT": str(port + 20000),
+        "RABBITMQ_DIST_PORT": str(free_port()),
+        "ERL_CRASH_DUMP": str(base_dir / "erl_crash.dump"),
         "RABBITMQ_MNESIA_BASE": str(base_dir / "mnesia"),
         "RABBITMQ_LOG_BASE": str(base_dir / "log"),
         "RABBITMQ_ENABLED_PLUGINS_FILE": str(base_dir / "enabled_plugins"),
@@ -191,19 +191,16 @@ def start_rabbitmq(base_dir: Path, port: int, *, timeout: float = 90.0) -> Proce
     process.extra["url"] = f"amqp://guest:guest@127.0.0.1:{port}/"
     process.extra["node"] = node
 
-    def amqp_ready() -> bool:
-        return asyncio.run(_amqp_probe(process.extra["url"]))
-
-    _wait(process, amqp_ready, timeout, "RabbitMQ")
+    _wait(process, lambda: amqp_probe("127.0.0.1", port), timeout, "RabbitMQ")
     return process
 
 
-async def _amqp_probe(url: str) -> bool:
-    import aio_pika
-
-    connection = await aio_pika.connect(url, timeout=2)
-    await connection.close()
-    return True
+def amqp_probe(host: str, port: int) -> bool:
+    """True once the broker answers the AMQP 0-9-1 protocol header with Connection.Start."""
+    with socket.create_connection((host, port), timeout=1) as sock:
+        sock.sendall(b"AMQP\x00\x00\x09\x01")
+        frame = sock.recv(7)
+    return len(frame) == 7 and frame[0] == 1  # a method frame on channel 0
 
 
 def start_nginx(config_text: str, work_dir: Path, port: int, *, timeout: float = 20.0) -> Process:

@@ -71,10 +71,12 @@ def render_nginx(upstreams: Mapping[str, list[str]], listen: str = "0.0.0.0:8080
     lines += [
         "    location / {",
         "      default_type application/json;",
+        "      add_header X-Request-ID $parley_request_id always;",
         f"      return 404 '{NOT_FOUND_BODY}';",
         "    }",
         "    location @unavailable {",
         "      default_type application/json;",
+        "      add_header X-Request-ID $parley_request_id always;",
         f"      return 503 '{UNAVAILABLE_BODY}';",
         "    }",
         "  }",

@@ -1,0 +1,275 @@
+"""Test harness: real servers, started once per session.
+
+* FerretDB (``PARLEY_TEST_MONGO_URL`` to use another MongoDB-compatible server instead) and
+  RabbitMQ (``PARLEY_TEST_AMQP_URL``) are started here, each waited on with a protocol probe.
+* ``stack`` is Parley itself, reached over real HTTP, in three modes:
+  ``local`` (all-in-one, in-process bus), ``rabbit`` (all-in-one on RabbitMQ) and
+  ``distributed`` (``parley serve`` processes behind nginx rendered from the routing table).
+  Tests isolate themselves by tenancy: each makes its own app (``stack.new_app()``).
+* ``stack.recorder(appid)`` subscribes to every event (a temporary queue bound to ``#``) and
+  collects the events of one app, so tests assert exactly which events a request published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from parley.allinone import create_allinone_app
+from parley.servers import (
+    Process,
+    free_port,
+    start_ferretdb,
+    start_nginx,
+    start_rabbitmq,
+    start_service,
+)
+from services.auth.domain import AppCredentials, AuthDomain
+from services.auth.repository import INDEXES as AUTH_INDEXES
+from services.auth.repository import AuthRepository
+from shared.bus import Bus, LocalBus, RabbitBus
+from shared.events import Event
+from shared.gateway import render_nginx
+from shared.logs import configure_logging
+from shared.mongo import Database, ensure_indexes, make_client
+from shared.settings import Settings
+from shared.web import Deps
+
+configure_logging(level=os.environ.get("PARLEY_TEST_LOG_LEVEL", "warning"))
+
+EVENT_WAIT = 10.0
+
+
+@pytest.fixture(scope="session")
+def workdir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="parley-test-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mongo_url(workdir: Path) -> Iterator[str]:
+    if url := os.environ.get("PARLEY_TEST_MONGO_URL"):
+        yield url
+        return
+    addr = f"127.0.0.1:{free_port()}"
+    process = start_ferretdb(workdir / "ferretdb", addr)
+    yield f"mongodb://{addr}/"
+    process.stop()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq(workdir: Path) -> Iterator[Process | None]:
+    if os.environ.get("PARLEY_TEST_AMQP_URL"):
+        yield None
+        return
+    process = start_rabbitmq(workdir / "rabbitmq", free_port())
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="session")
+def amqp_url(rabbitmq: Process | None) -> str:
+    return os.environ.get("PARLEY_TEST_AMQP_URL") or (rabbitmq.extra["url"] if rabbitmq else "")
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:12]}"
+
+
+def basic(appid: int | str, credential: str) -> str:
+    return "Basic " + base64.b64encode(f"{appid}:{credential}".encode()).decode()
+
+
+def md5_hex(text: str) -> str:
+    return hashlib.md5(text.encode()).hexdigest()
+
+
+@dataclass
+class Recorder:
+    """Collects the events of one app from a temporary subscription to every routing key."""
+
+    appid: int | None
+    events: list[Event] = field(default_factory=list)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def handle(self, event: Event) -> None:
+        if self.appid is None or event.appid == self.appid:
+            self.events.append(event)
+            self.arrived.set()
+
+    async def wait_for(self, count: int, timeout: float = EVENT_WAIT) -> list[Event]:
+        async with asyncio.timeout(timeout):
+            while len(self.events) < count:
+                self.arrived.clear()
+                await self.arrived.wait()
+        return list(self.events)
+
+    async def settle(self, quiet: float = 0.5) -> list[Event]:
+        """Everything received once no new event arrived for ``quiet`` seconds."""
+        while True:
+            seen = len(self.events)
+            await asyncio.sleep(quiet)
+            if len(self.events) == seen:
+                return list(self.events)
+
+    def keys(self) -> list[str]:
+        return [e.routing_key for e in self.events]
+
+
+@dataclass
+class App:
+    appid: int
+    key: str
+    secret: str
+
+    @property
+    def server_auth(self) -> dict[str, str]:
+        return {"Authorization": basic(self.appid, md5_hex(self.secret))}
+
+
+@dataclass
+class Stack:
+    mode: str
+    base_url: str
+    db: Database
+    bus: Bus
+    settings: Settings
+    http: aiohttp.ClientSession
+
+    async def new_app(self, name: str = "test") -> App:
+        creds: AppCredentials = await AuthDomain(
+            AuthRepository(self.db), None, self.settings
+        ).create_app(name)
+        return App(creds.appid, creds.key, creds.secret)
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        data: bytes | str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Any, aiohttp.ClientResponse]:
+        """One HTTP request through the edge: (status, decoded JSON body or raw text, response)."""
+        kwargs: dict[str, Any] = {"headers": headers or {}}
+        if json is not None:
+            kwargs["json"] = json
+        if data is not None:
+            kwargs["data"] = data
+        async with self.http.request(method, self.base_url + path, **kwargs) as resp:
+            text = await resp.text()
+            body: Any = text
+            if text and resp.content_type == "application/json":
+                body = await resp.json()
+            return resp.status, body, resp
+
+    @contextlib.asynccontextmanager
+    async def recorder(self, appid: int | None) -> AsyncIterator[Recorder]:
+        recorder = Recorder(appid)
+        subscription = await self.bus.subscribe(
+            unique("test.recorder."), ["#"], recorder.handle, durable=False
+        )
+        try:
+            yield recorder
+        finally:
+            await subscription.cancel()
+
+
+async def _prepared_db(mongo_url: str, name: str) -> tuple[Any, Database]:
+    client = make_client(mongo_url)
+    db = client[name]
+    await ensure_indexes(db, AUTH_INDEXES)
+    return client, db
+
+
+@contextlib.asynccontextmanager
+async def allinone_stack(mode: str, settings: Settings) -> AsyncIterator[Stack]:
+    bus: Bus = LocalBus() if not settings.amqp_url else RabbitBus(
+        settings.amqp_url, exchange=settings.amqp_exchange, connection_name="parley-test"
+    )
+    await bus.start()
+    client, db = await _prepared_db(settings.mongo_url, settings.mongo_db)
+    app = create_allinone_app(settings, deps=Deps(db=db, bus=bus))
+    server = TestServer(app, host="127.0.0.1", port=free_port())
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as http:
+            yield Stack(mode, str(server.make_url("")).rstrip("/"), db, bus, settings, http)
+    finally:
+        await server.close()
+        await bus.close()
+        await client.close()
+
+
+@contextlib.asynccontextmanager
+async def distributed_stack(settings: Settings, workdir: Path) -> AsyncIterator[Stack]:
+    """``parley serve auth`` as its own process behind nginx; events through RabbitMQ."""
+    auth_port, edge_port = free_port(), free_port()
+    env = {
+        "PARLEY_MONGO_URL": settings.mongo_url,
+        "PARLEY_MONGO_DB": settings.mongo_db,
+        "PARLEY_AMQP_URL": settings.amqp_url or "",
+        "PARLEY_AMQP_EXCHANGE": settings.amqp_exchange,
+        "PARLEY_AUTH_URL": f"http://127.0.0.1:{auth_port}",
+        "PARLEY_OUTBOX_RELAY_INTERVAL": "1",
+        "PARLEY_LOG_LEVEL": "warning",
+    }
+    logs = workdir / unique("distributed-")
+    services = [start_service("auth", auth_port, env, logs / "auth.log")]
+    nginx = start_nginx(
+        render_nginx({"auth": [f"127.0.0.1:{auth_port}"]}, listen=f"127.0.0.1:{edge_port}"),
+        logs / "nginx",
+        edge_port,
+    )
+    bus = RabbitBus(settings.amqp_url or "", exchange=settings.amqp_exchange)
+    await bus.start()
+    client, db = await _prepared_db(settings.mongo_url, settings.mongo_db)
+    try:
+        async with aiohttp.ClientSession() as http:
+            yield Stack("distributed", f"http://127.0.0.1:{edge_port}", db, bus, settings, http)
+    finally:
+        await bus.close()
+        await client.close()
+        nginx.stop()
+        for process in services:
+            process.stop()
+
+
+MODES = ["local", "rabbit", "distributed"]
+
+
+@pytest.fixture(scope="session", params=MODES)
+async def stack(
+    request: pytest.FixtureRequest, mongo_url: str, workdir: Path
+) -> AsyncIterator[Stack]:
+    mode = request.param
+    amqp = request.getfixturevalue("amqp_url") if mode != "local" else None
+    settings = Settings(
+        mongo_url=mongo_url,
+        mongo_db=unique("t_"),
+        amqp_url=amqp,
+        amqp_exchange=unique("parley.test."),
+        outbox_relay_interval=1.0,
+    )
+    if mode == "distributed":
+        async with distributed_stack(settings, workdir) as built:
+            yield built
+    else:
+        async with allinone_stack(mode, settings) as built:
+            yield built
