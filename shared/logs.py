@@ -22,7 +22,7 @@ REQUEST_ID = web.RequestKey("request_id", str)
 MAX_REQUEST_ID = 128
 
 
-def configure_logging(*, json: bool = False, level: str = "info") -> None:
+def configure_logging(*, json: bool = False, level: str = "info", cache: bool = True) -> None:
     processors: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -39,7 +39,7 @@ def configure_logging(*, json: bool = False, level: str = "info") -> None:
             logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
         ),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=cache,
     )
 
 

@@ -49,7 +49,7 @@ from shared.mongo import Database, ensure_indexes, make_client
 from shared.settings import Settings
 from shared.web import Deps
 
-configure_logging(level=os.environ.get("PARLEY_TEST_LOG_LEVEL", "warning"))
+configure_logging(level=os.environ.get("PARLEY_TEST_LOG_LEVEL", "warning"), cache=False)
 
 EVENT_WAIT = 10.0
 
@@ -151,9 +151,12 @@ class Stack:
     settings: Settings
     http: aiohttp.ClientSession
 
-    async def new_app(self, name: str = "test") -> App:
+    async def new_app(self, name: str = "test", *, announce: bool = True) -> App:
+        """A fresh app (its ``app.created`` event published now, or left to the outbox relay
+        of the running services when ``announce`` is false, as ``parley app create`` does)."""
+        bus = self.bus if announce else None
         creds: AppCredentials = await AuthDomain(
-            AuthRepository(self.db), None, self.settings
+            AuthRepository(self.db), bus, self.settings
         ).create_app(name)
         return App(creds.appid, creds.key, creds.secret)
 
@@ -200,8 +203,12 @@ async def _prepared_db(mongo_url: str, name: str) -> tuple[Any, Database]:
 
 @contextlib.asynccontextmanager
 async def allinone_stack(mode: str, settings: Settings) -> AsyncIterator[Stack]:
-    bus: Bus = LocalBus() if not settings.amqp_url else RabbitBus(
-        settings.amqp_url, exchange=settings.amqp_exchange, connection_name="parley-test"
+    bus: Bus = (
+        LocalBus()
+        if not settings.amqp_url
+        else RabbitBus(
+            settings.amqp_url, exchange=settings.amqp_exchange, connection_name="parley-test"
+        )
     )
     await bus.start()
     client, db = await _prepared_db(settings.mongo_url, settings.mongo_db)
@@ -227,7 +234,8 @@ async def distributed_stack(settings: Settings, workdir: Path) -> AsyncIterator[
         "PARLEY_AMQP_URL": settings.amqp_url or "",
         "PARLEY_AMQP_EXCHANGE": settings.amqp_exchange,
         "PARLEY_AUTH_URL": f"http://127.0.0.1:{auth_port}",
-        "PARLEY_OUTBOX_RELAY_INTERVAL": "1",
+        "PARLEY_OUTBOX_RELAY_INTERVAL": str(settings.outbox_relay_interval),
+        "PARLEY_OUTBOX_GRACE": str(settings.outbox_grace),
         "PARLEY_LOG_LEVEL": "warning",
     }
     logs = workdir / unique("distributed-")
@@ -254,19 +262,31 @@ async def distributed_stack(settings: Settings, workdir: Path) -> AsyncIterator[
 MODES = ["local", "rabbit", "distributed"]
 
 
+def stack_settings(mongo_url: str, amqp_url: str | None) -> Settings:
+    return Settings(
+        mongo_url=mongo_url,
+        mongo_db=unique("t_"),
+        amqp_url=amqp_url,
+        amqp_exchange=unique("parley.test."),
+        outbox_relay_interval=0.5,
+        outbox_grace=1.0,
+    )
+
+
+@pytest.fixture(scope="session")
+async def local_stack(mongo_url: str) -> AsyncIterator[Stack]:
+    """The all-in-one stack on the in-process bus, for tests one mode suffices for."""
+    async with allinone_stack("local", stack_settings(mongo_url, None)) as built:
+        yield built
+
+
 @pytest.fixture(scope="session", params=MODES)
 async def stack(
     request: pytest.FixtureRequest, mongo_url: str, workdir: Path
 ) -> AsyncIterator[Stack]:
     mode = request.param
     amqp = request.getfixturevalue("amqp_url") if mode != "local" else None
-    settings = Settings(
-        mongo_url=mongo_url,
-        mongo_db=unique("t_"),
-        amqp_url=amqp,
-        amqp_exchange=unique("parley.test."),
-        outbox_relay_interval=1.0,
-    )
+    settings = stack_settings(mongo_url, amqp)
     if mode == "distributed":
         async with distributed_stack(settings, workdir) as built:
             yield built

@@ -251,9 +251,7 @@ async def test_settings_refuse_bad_bodies_and_change_nothing(
 ) -> None:
     app = await stack.new_app()
     async with stack.recorder(app.appid) as events:
-        status, body, _ = await stack.request(
-            "POST", "/users/6", data=raw, headers=app.server_auth
-        )
+        status, body, _ = await stack.request("POST", "/users/6", data=raw, headers=app.server_auth)
         assert (status, body) == (400, expected)
         assert await events.settle(0.3) == []
     assert await user_doc(stack, app.appid, 6) is None
