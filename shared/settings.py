@@ -35,8 +35,6 @@ class Settings(BaseSettings):
     client_ip_header: str = "X-Real-IP"
     # appid -> allowed client IPs, as JSON: PARLEY_IP_PERMISSIONS='{"7": ["10.0.0.1"]}'.
     ip_permissions: dict[int, list[str]] = Field(default_factory=dict)
-    # Apps refused by the message-injection endpoints (spec §1.5), as JSON: '[7, 9]'.
-    disabled_app_ids: frozenset[int] = frozenset()
     outbox_relay_interval: float = Field(default=5.0, gt=0)
     outbox_grace: float = Field(default=10.0, ge=0)
     log_json: bool = False
