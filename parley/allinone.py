@@ -15,6 +15,7 @@ from aiohttp import web
 from aiohttp.web_urldispatcher import AbstractRuleMatching, MatchedSubAppResource, _InfoDict
 
 from services.auth.app import create_app as create_auth
+from services.groups.app import create_app as create_groups
 from shared.bus import Bus, LocalBus, RabbitBus
 from shared.errors import error_middleware
 from shared.logs import request_context_middleware
@@ -28,6 +29,7 @@ ServiceFactory = Callable[[Settings, Deps], web.Application]
 # The services this build serves, in start order (auth first: the others verify through it).
 SERVICE_FACTORIES: dict[str, ServiceFactory] = {
     "auth": create_auth,
+    "groups": create_groups,
 }
 
 

@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import structlog
 from aiohttp import web
 
@@ -31,6 +30,7 @@ from shared.errors import (
     ParleyError,
 )
 from shared.ids import parse_id
+from shared.internal import InternalClient
 
 log = structlog.get_logger("parley.auth")
 
@@ -149,37 +149,20 @@ class CachingVerifier(Verifier):
         await self._inner.close()
 
 
-INTERNAL_SECRET_HEADER = "X-Parley-Internal"
 VERIFY_PATH = "/internal/verify"
 
 
 class HttpVerifier(Verifier):
     """Asks the auth service's internal API: ``POST /internal/verify``."""
 
-    def __init__(self, base_url: str, *, internal_secret: str = "", timeout: float = 5.0) -> None:
-        self._url = base_url.rstrip("/") + VERIFY_PATH
-        self._headers = {INTERNAL_SECRET_HEADER: internal_secret} if internal_secret else {}
-        self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=timeout),
-            connector=aiohttp.TCPConnector(limit=256),
-        )
+    def __init__(self, base_url: str, *, internal_secret: str = "") -> None:
+        self._client = InternalClient(base_url, secret=internal_secret)
 
-    async def _ask(self, payload: dict[str, Any], *, bearer: bool = False) -> dict[str, Any]:
-        try:
-            async with self._session.post(self._url, json=payload, headers=self._headers) as resp:
-                body = await resp.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            log.error("auth service unreachable", error=repr(exc))
-            raise ParleyError("auth service unavailable", status=503) from exc
-        if resp.status == 200 and isinstance(body, dict):
-            return body
-        message = ""
-        if isinstance(body, dict) and isinstance(body.get("meta"), dict):
-            message = str(body["meta"].get("message", ""))
-        if resp.status == 400 and message:
-            raise InvalidToken() if bearer else ParleyError(message)
-        log.error("auth service answered unexpectedly", status=resp.status)
-        raise ParleyError("auth service unavailable", status=503)
+    async def _ask(self, payload: dict[str, Any]) -> dict[str, Any]:
+        status, body = await self._client.call("POST", VERIFY_PATH, json=payload)
+        if status != 200 or not isinstance(body, dict):
+            raise ParleyError("auth service unavailable", status=503)
+        return body
 
     async def verify_server(self, appid: int, secret_md5: str, client_ip: str | None) -> None:
         await self._ask({"scheme": "server", "appid": appid, "secret": secret_md5, "ip": client_ip})
@@ -188,11 +171,16 @@ class HttpVerifier(Verifier):
         await self._ask({"scheme": "appkey", "appid": appid, "secret": key})
 
     async def resolve_token(self, token: str) -> TokenOwner:
-        body = await self._ask({"scheme": "bearer", "token": token}, bearer=True)
+        try:
+            body = await self._ask({"scheme": "bearer", "token": token})
+        except ParleyError as exc:
+            if exc.status == 400:
+                raise InvalidToken() from exc
+            raise
         return TokenOwner(appid=int(body["appid"]), uid=int(body["uid"]))
 
     async def close(self) -> None:
-        await self._session.close()
+        await self._client.close()
 
 
 # ---- request helpers (what handlers call) ---------------------------------------------------

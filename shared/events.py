@@ -42,10 +42,11 @@ class Event(BaseModel):
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
         super().__pydantic_init_subclass__(**kwargs)
-        version_field = cls.model_fields["version"]
-        version = version_field.default
-        if not isinstance(version, int) or "routing_key" not in cls.__dict__:
-            raise TypeError(f"{cls.__name__} must set routing_key and a Literal version default")
+        if "routing_key" not in cls.__dict__:
+            return  # a base class shared by several events
+        version = cls.model_fields["version"].default
+        if not isinstance(version, int):
+            raise TypeError(f"{cls.__name__} must set a Literal version default")
         key = (cls.routing_key, version)
         if key in Event._registry:
             raise TypeError(f"event {key} is defined twice")
@@ -89,6 +90,7 @@ class TokenGranted(Event):
     version: Literal[1] = 1
     uid: int
     user_name: str
+    customer: bool = False  # a customer-service visitor (S17/X2), not an app user
 
 
 class DoNotDisturb(BaseModel):
@@ -117,3 +119,192 @@ class AppCreated(Event):
     routing_key: ClassVar[str] = "app.created"
     version: Literal[1] = 1
     name: str
+
+
+# ---- groups -------------------------------------------------------------------------------
+
+
+class GroupEvent(Event):
+    """Every ``group.*`` event carries the group as it is after the change: its name, type, the
+    member uids (for ``group.disbanded``: the members just before) and a revision that grows
+    with each change, so a consumer can keep a view and ignore anything older."""
+
+    gid: int
+    name: str
+    super: bool
+    members: list[int]
+    revision: int
+
+    @property
+    def timestamp(self) -> int:
+        return int(self.occurred_at.timestamp())
+
+
+class GroupCreated(GroupEvent):
+    routing_key: ClassVar[str] = "group.created"
+    version: Literal[1] = 1
+    master: int
+    members_given: list[int | dict[str, Any]]  # the request's list: uids and member objects
+
+
+class GroupRenamed(GroupEvent):
+    routing_key: ClassVar[str] = "group.renamed"
+    version: Literal[1] = 1
+
+
+class GroupNoticeChanged(GroupEvent):
+    routing_key: ClassVar[str] = "group.notice.changed"
+    version: Literal[1] = 1
+    notice: str
+
+
+class GroupDisbanded(GroupEvent):
+    routing_key: ClassVar[str] = "group.disbanded"
+    version: Literal[1] = 1
+
+
+class GroupUpgraded(GroupEvent):
+    routing_key: ClassVar[str] = "group.upgraded"
+    version: Literal[1] = 1
+
+
+class GroupMemberAdded(GroupEvent):
+    routing_key: ClassVar[str] = "group.member.added"
+    version: Literal[1] = 1
+    member_id: int
+    member_name: str | None = None
+    avatar: str | None = None
+    inviter: dict[str, Any] | None = None
+    joined: bool  # false: already a member (nothing stored changed; members are told again)
+
+
+class GroupMemberRemoved(GroupEvent):
+    routing_key: ClassVar[str] = "group.member.removed"
+    version: Literal[1] = 1
+    member_id: int
+    member_name: str | None = None
+    avatar: str | None = None
+    was_member: bool
+
+
+class GroupMemberMuted(GroupEvent):
+    routing_key: ClassVar[str] = "group.member.muted"
+    version: Literal[1] = 1
+    member_id: int
+    mute: bool
+
+
+class GroupMemberNicknameChanged(GroupEvent):
+    routing_key: ClassVar[str] = "group.member.nickname.changed"
+    version: Literal[1] = 1
+    member_id: int
+    nickname: str
+
+
+class GroupMemberDoNotDisturbChanged(GroupEvent):
+    routing_key: ClassVar[str] = "group.member.dnd.changed"
+    version: Literal[1] = 1
+    member_id: int
+    do_not_disturb: bool
+
+
+# ---- messages -----------------------------------------------------------------------------
+
+
+class InboxKey(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    uid: int
+    key: int
+
+
+class MessageEvent(Event):
+    """A message Parley accepted. ``msg_id`` is stable across redeliveries; ``timestamp`` is
+    Unix seconds; stored messages carry the sync keys they were stored under."""
+
+    msg_id: str
+    content: str
+    timestamp: int
+
+
+class PeerMessage(MessageEvent):
+    routing_key: ClassVar[str] = "message.peer"
+    version: Literal[1] = 1
+    sender: int
+    receiver: int
+    keys: list[InboxKey]  # the receiver's and the sender's inbox entries
+
+
+class GroupMessage(MessageEvent):
+    routing_key: ClassVar[str] = "message.group"
+    version: Literal[1] = 1
+    sender: int
+    gid: int
+    super: bool
+    members: list[int]
+    keys: list[InboxKey]  # normal group: one entry per member inbox
+    group_key: int | None = None  # super group: the entry in the group queue
+
+
+class SystemMessage(MessageEvent):
+    routing_key: ClassVar[str] = "message.system"
+    version: Literal[1] = 1
+    keys: list[InboxKey]  # one per receiver
+
+
+class NotificationMessage(MessageEvent):
+    """Online-only: never stored; delivery servers pass it to live connections."""
+
+    routing_key: ClassVar[str] = "message.notification"
+    version: Literal[1] = 1
+    receiver: int
+
+
+class GroupNotificationMessage(MessageEvent):
+    routing_key: ClassVar[str] = "message.group_notification"
+    version: Literal[1] = 1
+    gid: int
+    super: bool
+    recipients: list[int]
+    keys: list[InboxKey]  # normal group (and any disband): one entry per recipient inbox
+    group_key: int | None = None  # super group: the entry in the group queue
+    cause: str | None = None  # the event_id of the group change it announces, if any
+
+
+class RoomMessage(MessageEvent):
+    """Not stored; delivery servers pass it to the room's current occupants."""
+
+    routing_key: ClassVar[str] = "message.room"
+    version: Literal[1] = 1
+    sender: int
+    room: int
+
+
+# ---- customer service ---------------------------------------------------------------------
+
+
+class CustomerRegistered(Event):
+    routing_key: ClassVar[str] = "customer.registered"
+    version: Literal[1] = 1
+    customer_id: str | None  # None: an anonymous visitor
+    client_id: int
+    store_id: int
+
+
+class AgentPresence(Event):
+    """An agent's status, published by whoever knows it (a delivery server seeing the agent's
+    connections, or ``POST /internal/agents/{seller_id}/presence``). ``appid`` is the app of the
+    agent's store."""
+
+    routing_key: ClassVar[str] = "agent.presence"
+    version: Literal[1] = 1
+    seller_id: int
+    status: Literal["online", "offline"]
+
+
+class SupporterAssigned(Event):
+    routing_key: ClassVar[str] = "customer.supporter.assigned"
+    version: Literal[1] = 1
+    uid: int
+    store_id: int
+    seller_id: int

@@ -29,6 +29,19 @@ log = structlog.get_logger("parley.outbox")
 OUTBOX_INDEX = IndexModel([("outbox_n", 1)], name="outbox_pending")
 
 
+def _entries(events: Sequence[Event], request_id: str) -> dict[str, Document]:
+    now = utcnow()
+    return {
+        event.event_id: {
+            "rk": event.routing_key,
+            "body": event.to_json().decode(),
+            "at": now,
+            "rid": request_id,
+        }
+        for event in events
+    }
+
+
 def with_outbox(
     update: dict[str, Any], events: Sequence[Event], request_id: str = ""
 ) -> dict[str, Any]:
@@ -36,16 +49,15 @@ def with_outbox(
     merged = {op: dict(fields) for op, fields in update.items()}
     sets = merged.setdefault("$set", {})
     incs = merged.setdefault("$inc", {})
-    now = utcnow()
-    for event in events:
-        sets[f"outbox.{event.event_id}"] = {
-            "rk": event.routing_key,
-            "body": event.to_json().decode(),
-            "at": now,
-            "rid": request_id,
-        }
+    for event_id, entry in _entries(events, request_id).items():
+        sets[f"outbox.{event_id}"] = entry
     incs["outbox_n"] = incs.get("outbox_n", 0) + len(events)
     return merged
+
+
+def new_with_outbox(document: Document, events: Sequence[Event], request_id: str = "") -> Document:
+    """A new document (for ``insert_one``) carrying the events in its outbox."""
+    return {**document, "outbox": _entries(events, request_id), "outbox_n": len(events)}
 
 
 async def _publish_entry(

@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     publish_timeout: float = Field(default=5.0, gt=0)
     # Where services reach the auth service's internal verification API (distributed mode).
     auth_url: str = "http://127.0.0.1:8081"
+    # Where services reach the groups and customer services' internal APIs (distributed mode).
+    groups_url: str = "http://127.0.0.1:8082"
+    customer_url: str = "http://127.0.0.1:8084"
     # Shared secret on the internal API; empty disables the check (keep it behind the network).
     internal_secret: str = ""
     auth_cache_ttl: float = Field(default=10.0, ge=0)
@@ -35,6 +38,20 @@ class Settings(BaseSettings):
     client_ip_header: str = "X-Real-IP"
     # appid -> allowed client IPs, as JSON: PARLEY_IP_PERMISSIONS='{"7": ["10.0.0.1"]}'.
     ip_permissions: dict[int, list[str]] = Field(default_factory=dict)
+    # Apps refused by the message-injection endpoints (spec §1.5), as JSON: '[7, 9]'.
+    disabled_app_ids: frozenset[int] = frozenset()
+    # POST /groups honours a caller-supplied group_id (spec S3).
+    external_group_id: bool = False
+    # Only the master may change a group's notice through the client API (spec S23).
+    notice_by_master_only: bool = True
+    # The master may not leave a group that has other members; they must disband it (S26).
+    master_must_disband: bool = True
+    # POST /auth/customer requires app-key Basic credentials (spec S17).
+    customer_auth_requires_appkey: bool = False
+    # The customer-service (agents') app: cmd-64 history filtering (spec S20).
+    kefu_appid: int = 0
+    # Customer client ids start above this, so they never look like an app's own uids.
+    customer_client_id_base: int = Field(default=10**12, ge=0)
     outbox_relay_interval: float = Field(default=5.0, gt=0)
     outbox_grace: float = Field(default=10.0, ge=0)
     log_json: bool = False

@@ -9,6 +9,7 @@ alone (``parley serve``) gets an empty one and opens its own.
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -20,6 +21,12 @@ from shared.auth import CLIENT_IP_HEADER, VERIFIER, CachingVerifier, HttpVerifie
 from shared.bus import Bus, RabbitBus
 from shared.errors import error_middleware
 from shared.http import MAX_BODY
+from shared.internal import (
+    INTERNAL_SECRET_HEADER,
+    CustomerDirectory,
+    GroupDirectory,
+    TokenIssuer,
+)
 from shared.jsonio import json_response
 from shared.logs import request_context_middleware
 from shared.mongo import Collection, Database, ensure_indexes, make_client
@@ -35,11 +42,24 @@ RELAY = web.AppKey("outbox_relay", OutboxRelay)
 
 @dataclass
 class Deps:
-    """Process-wide resources shared by the services of one process."""
+    """Process-wide resources shared by the services of one process. A service that owns one
+    of the directories puts its in-process implementation here at startup; services started
+    after it use that instead of the owner's internal HTTP API."""
 
     db: Database | None = None
     bus: Bus | None = None
     verifier: Verifier | None = None
+    groups: GroupDirectory | None = None
+    customers: CustomerDirectory | None = None
+    tokens: TokenIssuer | None = None
+
+
+def require_internal(request: web.Request) -> None:
+    """Internal APIs answer only callers that know ``PARLEY_INTERNAL_SECRET`` (when set)."""
+    expected = request.app[SETTINGS].internal_secret
+    given = request.headers.get(INTERNAL_SECRET_HEADER, "")
+    if expected and not hmac.compare_digest(expected.encode(), given.encode()):
+        raise web.HTTPNotFound()
 
 
 CleanupCtx = Callable[[web.Application], AsyncIterator[None]]

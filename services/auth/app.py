@@ -3,24 +3,34 @@ credential-verification API that every other service calls."""
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from aiohttp import web
 from pydantic import AfterValidator, BaseModel, ConfigDict
 
-from shared.auth import INTERNAL_SECRET_HEADER, VERIFIER, CachingVerifier, server_auth
+from shared.auth import VERIFIER, CachingVerifier, server_auth
 from shared.errors import ParleyError
 from shared.events import DoNotDisturb
 from shared.http import data, empty_ok, parse_model, path_id, read_json, read_model
 from shared.ids import Flag, Id, Text
+from shared.internal import UidTaken
 from shared.jsonio import json_response
 from shared.logs import request_id_of
 from shared.settings import Settings
-from shared.web import BUS, DB, SETTINGS, Deps, bus_ctx, database_ctx, outbox_ctx, service_app
+from shared.web import (
+    BUS,
+    DB,
+    SETTINGS,
+    Deps,
+    bus_ctx,
+    database_ctx,
+    outbox_ctx,
+    require_internal,
+    service_app,
+)
 
-from .domain import AuthDomain, LocalVerifier, SettingsChange
+from .domain import AuthDomain, LocalTokenIssuer, LocalVerifier, SettingsChange
 from .repository import INDEXES, AuthRepository
 
 SERVICE = "auth"
@@ -96,10 +106,7 @@ async def user_settings(request: web.Request) -> web.Response:
 
 async def internal_verify(request: web.Request) -> web.Response:
     """Internal API (not routed by the edge): verify credentials for another service."""
-    expected = request.app[SETTINGS].internal_secret
-    given = request.headers.get(INTERNAL_SECRET_HEADER, "")
-    if expected and not hmac.compare_digest(expected.encode(), given.encode()):
-        raise web.HTTPNotFound()
+    require_internal(request)
     body = parse_model(VerifyRequest, await read_json(request))
     verifier = request.app[VERIFIER]
     answer: dict[str, Any]
@@ -117,10 +124,33 @@ async def internal_verify(request: web.Request) -> web.Response:
     return json_response(answer)
 
 
+class CustomerTokenRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    appid: int
+    uid: int
+    name: str = ""
+    avatar: str = ""
+
+
+async def internal_customer_token(request: web.Request) -> web.Response:
+    """Internal API for the customer service: a visitor's token (409: the uid is a user's)."""
+    require_internal(request)
+    body = parse_model(CustomerTokenRequest, await read_json(request))
+    try:
+        token = await domain(request).customer_token(
+            body.appid, body.uid, body.name, body.avatar, request_id_of(request)
+        )
+    except UidTaken:
+        return json_response({"meta": {"code": 409, "message": "uid taken"}}, status=409)
+    return json_response({"token": token})
+
+
 def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
     deps = deps or Deps()
     app = service_app(SERVICE, settings, {"grant": grant, "user_settings": user_settings})
     app.router.add_post("/internal/verify", internal_verify)
+    app.router.add_post("/internal/customer-token", internal_customer_token)
 
     async def domain_ctx(app: web.Application) -> AsyncIterator[None]:
         auth = AuthDomain(AuthRepository(app[DB]), app[BUS], app[SETTINGS])
@@ -129,6 +159,8 @@ def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
         app[VERIFIER] = CachingVerifier(local, app[SETTINGS].auth_cache_ttl)
         if deps.verifier is None:
             deps.verifier = local  # services later in this process verify in-process
+        if deps.tokens is None:
+            deps.tokens = LocalTokenIssuer(auth)
         yield
 
     app.cleanup_ctx.extend(

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 from shared.auth import TokenOwner, Verifier
 from shared.bus import Bus
-from shared.errors import INVALID_APPID, INVALID_IP, InvalidToken, ParleyError
+from shared.errors import INVALID_APPID, INVALID_IP, InvalidParam, InvalidToken, ParleyError
 from shared.events import AppCreated, DoNotDisturb, TokenGranted, UserSettingsChanged, utcnow
+from shared.internal import TokenIssuer, UidTaken
 from shared.outbox import deliver
 from shared.settings import Settings
 
@@ -120,9 +121,13 @@ class AuthDomain:
     async def grant(self, appid: int, uid: int, user_name: str, request_id: str = "") -> str:
         """S1: the user's permanent token (created on first grant); ``user_name`` is stored."""
         event = TokenGranted(appid=appid, uid=uid, user_name=user_name)
-        token = await self.repo.set_token_name(
-            appid, uid, new_token(), user_name, [event], request_id
-        )
+        try:
+            token = await self.repo.set_token_name(
+                appid, uid, new_token(), user_name, [event], request_id
+            )
+        except UidTaken:
+            # The uid is a customer-service visitor's client id: never hand out their token.
+            raise InvalidParam() from None
         await deliver(self.repo.users, user_key(appid, uid), [event], self.bus, request_id)
         return token
 
@@ -159,6 +164,27 @@ class AuthDomain:
             update["$unset"] = dict(unsets)
         await self.repo.update_user(appid, uid, update, [event], request_id)
         await deliver(self.repo.users, user_key(appid, uid), [event], self.bus, request_id)
+
+    async def customer_token(
+        self, appid: int, uid: int, name: str, avatar: str, request_id: str = ""
+    ) -> str:
+        """The permanent token of a customer-service visitor (for the customer service)."""
+        event = TokenGranted(appid=appid, uid=uid, user_name=name, customer=True)
+        token = await self.repo.customer_token(
+            appid, uid, new_token(), {"name": name, "avatar": avatar}, [event], request_id
+        )
+        await deliver(self.repo.users, user_key(appid, uid), [event], self.bus, request_id)
+        return token
+
+
+class LocalTokenIssuer(TokenIssuer):
+    """The auth domain as a ``TokenIssuer``, for the customer service in the same process."""
+
+    def __init__(self, domain: AuthDomain) -> None:
+        self._domain = domain
+
+    async def customer_token(self, appid: int, uid: int, name: str, avatar: str) -> str:
+        return await self._domain.customer_token(appid, uid, name, avatar)
 
 
 class LocalVerifier(Verifier):

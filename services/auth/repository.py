@@ -18,8 +18,9 @@ from pymongo import IndexModel, ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
 from shared.events import Event
+from shared.internal import UidTaken
 from shared.mongo import Collection, Database, Document
-from shared.outbox import OUTBOX_INDEX, with_outbox
+from shared.outbox import OUTBOX_INDEX, new_with_outbox, with_outbox
 
 APPS = "auth_apps"
 USERS = "auth_users"
@@ -84,7 +85,7 @@ class AuthRepository:
         existing = {"$set": {"name": name}}
         for _ in range(5):
             doc = await self.users.find_one_and_update(
-                {"_id": key, "token": {"$exists": True}},
+                {"_id": key, "token": {"$exists": True}, "customer": {"$ne": True}},
                 with_outbox(existing, events, rid),
                 return_document=ReturnDocument.AFTER,
             )
@@ -102,8 +103,53 @@ class AuthRepository:
                 )
                 return new_token
             except DuplicateKeyError:
-                continue  # someone else created it first: read theirs
+                pass  # someone else created it first: read theirs
+            current = await self.users.find_one({"_id": key}, {"customer": 1})
+            if current is not None and current.get("customer"):
+                raise UidTaken(uid)
         raise RuntimeError("token creation did not settle")
+
+    async def customer_token(
+        self,
+        appid: int,
+        uid: int,
+        new_token: str,
+        profile: dict[str, str],
+        events: Sequence[Event],
+        rid: str,
+    ) -> str:
+        """A customer's token, minted on first use; ``profile`` (name, avatar) is replaced.
+        A uid that is an ordinary user is never turned into a customer (``UidTaken``)."""
+        key = user_key(appid, uid)
+        for _ in range(5):
+            doc = await self.users.find_one_and_update(
+                {"_id": key, "customer": True},
+                with_outbox({"$set": dict(profile)}, events, rid),
+                return_document=ReturnDocument.AFTER,
+            )
+            if doc is not None:
+                return str(doc["token"])
+            try:
+                await self.users.insert_one(
+                    new_with_outbox(
+                        {
+                            "_id": key,
+                            "appid": appid,
+                            "uid": uid,
+                            "token": new_token,
+                            "customer": True,
+                            **profile,
+                        },
+                        events,
+                        rid,
+                    )
+                )
+                return new_token
+            except DuplicateKeyError:
+                current = await self.users.find_one({"_id": key}, {"customer": 1})
+                if current is not None and not current.get("customer"):
+                    raise UidTaken(uid) from None
+        raise RuntimeError("customer token creation did not settle")
 
     async def update_user(
         self, appid: int, uid: int, update: dict[str, Any], events: Sequence[Event], rid: str
