@@ -15,7 +15,9 @@ from aiohttp import web
 from aiohttp.web_urldispatcher import AbstractRuleMatching, MatchedSubAppResource, _InfoDict
 
 from services.auth.app import create_app as create_auth
+from services.customer.app import create_app as create_customer
 from services.groups.app import create_app as create_groups
+from services.messages.app import create_app as create_messages
 from shared.bus import Bus, LocalBus, RabbitBus
 from shared.errors import error_middleware
 from shared.logs import request_context_middleware
@@ -26,10 +28,13 @@ from shared.web import BUS, DB, SETTINGS, Deps, healthz
 
 ServiceFactory = Callable[[Settings, Deps], web.Application]
 
-# The services this build serves, in start order (auth first: the others verify through it).
+# The services, in start order: each uses the in-process APIs of those before it (auth for
+# credentials and customer tokens, groups for membership, customer for customer ids).
 SERVICE_FACTORIES: dict[str, ServiceFactory] = {
     "auth": create_auth,
     "groups": create_groups,
+    "customer": create_customer,
+    "messages": create_messages,
 }
 
 

@@ -21,6 +21,9 @@ from parley.servers import ServerError, start_ferretdb
 from services.auth.domain import AuthDomain
 from services.auth.repository import INDEXES as AUTH_INDEXES
 from services.auth.repository import AuthRepository
+from services.customer.domain import INDEXES as CUSTOMER_INDEXES
+from services.customer.domain import CustomerDomain
+from shared.errors import ParleyError
 from shared.gateway import render_ingress, render_nginx
 from shared.logs import configure_logging
 from shared.mongo import ensure_indexes, make_client
@@ -199,6 +202,44 @@ def cmd_app(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- parley store -------------------------------------------------------------------------
+
+
+async def _store_action(settings: Settings, args: argparse.Namespace) -> dict[str, int]:
+    client = make_client(settings.mongo_url)
+    try:
+        db = client[settings.mongo_db]
+        await ensure_indexes(db, CUSTOMER_INDEXES)
+        customer = CustomerDomain(db, None, settings, None)
+        if args.action == "create":
+            await ensure_indexes(db, AUTH_INDEXES)
+            if await AuthRepository(db).get_app(args.app) is None:
+                raise ParleyError(f"no app {args.app}")
+            return {"store_id": await customer.create_store(args.app, args.name)}
+        return {"seller_id": await customer.add_agent(args.store, args.name)}
+    finally:
+        await client.close()
+
+
+def cmd_store(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    configure_logging(level="warning")
+    try:
+        result = asyncio.run(_store_action(settings, args))
+    except ParleyError as exc:
+        print(f"parley store: {exc.message}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        print(f"parley store: cannot reach MongoDB at {settings.mongo_url}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key}: {value}")
+    return 0
+
+
 # ---- argument parsing ---------------------------------------------------------------------
 
 
@@ -249,6 +290,20 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true")
     listing.add_argument("--mongo-url", default=None)
     app.set_defaults(func=cmd_app)
+
+    store = sub.add_parser("store", help="manage customer-service stores and their agents")
+    store_sub = store.add_subparsers(dest="action", required=True)
+    store_create = store_sub.add_parser("create", help="give an app its store; prints store_id")
+    store_create.add_argument("--app", type=int, required=True, help="the app's appid")
+    store_create.add_argument("--name", required=True)
+    store_create.add_argument("--json", action="store_true")
+    store_create.add_argument("--mongo-url", default=None)
+    add_agent = store_sub.add_parser("add-agent", help="add an agent; prints seller_id")
+    add_agent.add_argument("--store", type=int, required=True, help="the store's store_id")
+    add_agent.add_argument("--name", required=True, help="the agent's name (often an e-mail)")
+    add_agent.add_argument("--json", action="store_true")
+    add_agent.add_argument("--mongo-url", default=None)
+    store.set_defaults(func=cmd_store)
     return parser
 
 

@@ -271,6 +271,20 @@ class GroupNotificationMessage(MessageEvent):
     cause: str | None = None  # the event_id of the group change it announces, if any
 
 
+class CustomerMessage(MessageEvent):
+    """A customer-service message (cmd 64) between a host app's visitor and an agent of the
+    customer-service app; stored in both parties' inboxes, each in its own app."""
+
+    routing_key: ClassVar[str] = "message.customer"
+    version: Literal[1] = 1
+    sender_appid: int
+    sender: int
+    receiver_appid: int
+    receiver: int
+    sender_key: int
+    receiver_key: int
+
+
 class RoomMessage(MessageEvent):
     """Not stored; delivery servers pass it to the room's current occupants."""
 

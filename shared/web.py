@@ -31,7 +31,7 @@ from shared.jsonio import json_response
 from shared.logs import request_context_middleware
 from shared.mongo import Collection, Database, ensure_indexes, make_client
 from shared.outbox import OutboxRelay
-from shared.routing import routes_for
+from shared.routing import ROUTES, routes_for
 from shared.settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -65,6 +65,42 @@ def require_internal(request: web.Request) -> None:
 CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
 
 
+# Paths that browsers call directly: CORS headers on every answer, errors included, and an
+# OPTIONS preflight answered without credentials (spec §1.4).
+CORS_PATHS = frozenset(
+    {
+        "/messages",
+        "/messages/dequeue",
+        "/supporters",
+        "/v2/supporters",
+        "/customer/register",
+        "/v2/customer/register",
+        "/auth/customer",
+    }
+)
+
+
+@web.middleware
+async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    response = await handler(request)
+    if request.path in CORS_PATHS:
+        methods = sorted({r.method for r in ROUTES if r.path == request.path})
+        response.headers.update(
+            {
+                "Access-Control-Allow-Origin": "*",
+                "Access-Control-Allow-Methods": ", ".join(methods),
+                "Access-Control-Max-Age": "21600",
+                "Access-Control-Allow-Headers": "AUTHORIZATION, Content-Type",
+            }
+        )
+    return response
+
+
+async def cors_preflight(request: web.Request) -> web.Response:
+    """``OPTIONS``: 200, empty, no authentication; ``cors_middleware`` adds the headers."""
+    return web.Response(status=200)
+
+
 def service_app(
     service: str, settings: Settings, handlers: Mapping[str, Handler]
 ) -> web.Application:
@@ -72,6 +108,7 @@ def service_app(
     app = web.Application(
         middlewares=[
             request_context_middleware(service, settings.request_id_header),
+            cors_middleware,
             error_middleware,
         ],
         client_max_size=MAX_BODY,

@@ -46,6 +46,7 @@ from shared.events import Event
 from shared.gateway import render_nginx
 from shared.logs import configure_logging
 from shared.mongo import Database, ensure_indexes, make_client
+from shared.routing import SERVICES
 from shared.settings import Settings
 from shared.web import Deps
 
@@ -150,6 +151,7 @@ class Stack:
     bus: Bus
     settings: Settings
     http: aiohttp.ClientSession
+    processes: list[Process] = field(default_factory=list)
 
     async def new_app(self, name: str = "test", *, announce: bool = True) -> App:
         """A fresh app (its ``app.created`` event published now, or left to the outbox relay
@@ -225,37 +227,57 @@ async def allinone_stack(mode: str, settings: Settings) -> AsyncIterator[Stack]:
 
 
 @contextlib.asynccontextmanager
-async def distributed_stack(settings: Settings, workdir: Path) -> AsyncIterator[Stack]:
-    """``parley serve auth`` as its own process behind nginx; events through RabbitMQ."""
-    auth_port, edge_port = free_port(), free_port()
+async def distributed_stack(
+    settings: Settings, workdir: Path, replicas: dict[str, int] | None = None
+) -> AsyncIterator[Stack]:
+    """Every service as its own ``parley serve`` process (``replicas`` of each, default one)
+    behind nginx rendered from the routing table; events through RabbitMQ."""
+    replicas = replicas or {}
+    ports = {
+        service: [free_port() for _ in range(replicas.get(service, 1))] for service in SERVICES
+    }
+    edge_port = free_port()
     env = {
         "PARLEY_MONGO_URL": settings.mongo_url,
         "PARLEY_MONGO_DB": settings.mongo_db,
         "PARLEY_AMQP_URL": settings.amqp_url or "",
         "PARLEY_AMQP_EXCHANGE": settings.amqp_exchange,
-        "PARLEY_AUTH_URL": f"http://127.0.0.1:{auth_port}",
+        "PARLEY_AUTH_URL": f"http://127.0.0.1:{ports['auth'][0]}",
+        "PARLEY_GROUPS_URL": f"http://127.0.0.1:{ports['groups'][0]}",
+        "PARLEY_CUSTOMER_URL": f"http://127.0.0.1:{ports['customer'][0]}",
+        "PARLEY_INTERNAL_SECRET": "test-internal-secret",
         "PARLEY_OUTBOX_RELAY_INTERVAL": str(settings.outbox_relay_interval),
         "PARLEY_OUTBOX_GRACE": str(settings.outbox_grace),
+        "PARLEY_KEFU_APPID": str(settings.kefu_appid),
         "PARLEY_LOG_LEVEL": "warning",
     }
     logs = workdir / unique("distributed-")
-    services = [start_service("auth", auth_port, env, logs / "auth.log")]
-    nginx = start_nginx(
-        render_nginx({"auth": [f"127.0.0.1:{auth_port}"]}, listen=f"127.0.0.1:{edge_port}"),
-        logs / "nginx",
-        edge_port,
-    )
-    bus = RabbitBus(settings.amqp_url or "", exchange=settings.amqp_exchange)
-    await bus.start()
-    client, db = await _prepared_db(settings.mongo_url, settings.mongo_db)
+    processes: list[Process] = []
     try:
-        async with aiohttp.ClientSession() as http:
-            yield Stack("distributed", f"http://127.0.0.1:{edge_port}", db, bus, settings, http)
+        for service in SERVICES:
+            for n, port in enumerate(ports[service]):
+                processes.append(start_service(service, port, env, logs / f"{service}-{n}.log"))
+        upstreams = {s: [f"127.0.0.1:{p}" for p in ports[s]] for s in SERVICES}
+        processes.append(
+            start_nginx(
+                render_nginx(upstreams, listen=f"127.0.0.1:{edge_port}"), logs / "nginx", edge_port
+            )
+        )
+        bus = RabbitBus(settings.amqp_url or "", exchange=settings.amqp_exchange)
+        await bus.start()
+        client, db = await _prepared_db(settings.mongo_url, settings.mongo_db)
+        try:
+            async with aiohttp.ClientSession() as http:
+                stack = Stack(
+                    "distributed", f"http://127.0.0.1:{edge_port}", db, bus, settings, http
+                )
+                stack.processes = processes
+                yield stack
+        finally:
+            await bus.close()
+            await client.close()
     finally:
-        await bus.close()
-        await client.close()
-        nginx.stop()
-        for process in services:
+        for process in reversed(processes):
             process.stop()
 
 

@@ -1,0 +1,201 @@
+"""The customer service: visitor tokens (S17 ``/auth/customer``, X2 ``/customer/register``),
+choosing an agent (S18 ``/supporters``), agent presence, and the internal API the messages
+service resolves customer ids and store agents with."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+from aiohttp import web
+from pydantic import BaseModel, BeforeValidator, ConfigDict
+
+from shared.auth import app_key_auth, client_auth
+from shared.errors import INVALID_APPID, REQUIRE_STORE_ID, InvalidParam, ParleyError
+from shared.http import data, parse_model, path_id, read_json
+from shared.ids import Id, Text, parse_id
+from shared.internal import HttpTokenIssuer, TokenIssuer
+from shared.jsonio import json_response
+from shared.logs import request_id_of
+from shared.settings import Settings
+from shared.web import (
+    BUS,
+    DB,
+    SETTINGS,
+    Deps,
+    bus_ctx,
+    cors_preflight,
+    database_ctx,
+    outbox_ctx,
+    require_internal,
+    service_app,
+    verifier_ctx,
+)
+
+from .domain import INDEXES, CustomerDomain, LocalCustomerDirectory
+
+SERVICE = "customer"
+CUSTOMER = web.AppKey("customer_domain", CustomerDomain)
+
+
+def domain(request: web.Request) -> CustomerDomain:
+    return request.app[CUSTOMER]
+
+
+def _customer_id(value: Any) -> str | None:
+    """A string; integers are accepted and written in decimal (spec S17)."""
+    if value is None or isinstance(value, str):
+        return value or None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError("customer_id must be a string")
+
+
+class RegisterRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    appid: Id
+    customer_id: Annotated[str | None, BeforeValidator(_customer_id)] = None
+    name: Text = ""
+    avatar: Text = ""
+
+
+async def _register(request: web.Request, header_appid: int | None) -> web.Response:
+    body = parse_model(RegisterRequest, await read_json(request))
+    if body.appid == 0:
+        raise InvalidParam()
+    if header_appid is not None and header_appid != body.appid:
+        raise ParleyError(INVALID_APPID)  # one app's key never mints another app's tokens
+    registration = await domain(request).register(
+        body.appid, body.customer_id, body.name, body.avatar, request_id_of(request)
+    )
+    return data(
+        {
+            "token": registration.token,
+            "store_id": registration.store_id,
+            "client_id": registration.client_id,
+        }
+    )
+
+
+async def customer_token(request: web.Request) -> web.Response:
+    """S17: no credentials by default; app-key Basic, when sent (or required), is checked."""
+    header_appid = None
+    if "Authorization" in request.headers or request.app[SETTINGS].customer_auth_requires_appkey:
+        header_appid = await app_key_auth(request)
+    return await _register(request, header_appid)
+
+
+async def customer_register(request: web.Request) -> web.Response:
+    """X2: app-key Basic; the body's appid must be the authenticated one."""
+    return await _register(request, await app_key_auth(request))
+
+
+async def supporters(request: web.Request) -> web.Response:
+    owner = await client_auth(request)
+    raw = request.query.get("store_id") or request.query.get("store") or ""
+    try:
+        store_id = parse_id(raw) if raw else 0
+    except ValueError as exc:
+        raise ParleyError(REQUIRE_STORE_ID) from exc
+    if store_id == 0:
+        raise ParleyError(REQUIRE_STORE_ID)
+    chosen = await domain(request).supporter(
+        owner.appid, owner.uid, store_id, request_id_of(request)
+    )
+    return data(
+        {"seller_id": chosen.seller_id, "name": chosen.name, "status": chosen.status, "avatar": ""}
+    )
+
+
+# ---- internal API -------------------------------------------------------------------------
+
+
+class PresenceRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    status: Literal["online", "offline"]
+
+
+def _query_int(request: web.Request, name: str) -> int:
+    try:
+        return parse_id(request.query.get(name, ""))
+    except ValueError as exc:
+        raise InvalidParam() from exc
+
+
+async def internal_customer(request: web.Request) -> web.Response:
+    require_internal(request)
+    appid = _query_int(request, "appid")
+    customer_id = request.query.get("customer_id", "")
+    directory = LocalCustomerDirectory(domain(request))
+    client_id = await directory.client_id(appid, customer_id) if customer_id else None
+    if client_id is None:
+        raise web.HTTPNotFound()
+    return json_response({"client_id": client_id})
+
+
+async def internal_store_sellers(request: web.Request) -> web.Response:
+    require_internal(request)
+    store_id = path_id(request, "store_id")
+    appid = _query_int(request, "appid")
+    sellers = await LocalCustomerDirectory(domain(request)).store_sellers(appid, store_id)
+    if not sellers:
+        raise web.HTTPNotFound()
+    return json_response({"sellers": sellers})
+
+
+async def internal_presence(request: web.Request) -> web.Response:
+    require_internal(request)
+    seller_id = path_id(request, "seller_id")
+    body = parse_model(PresenceRequest, await read_json(request))
+    if not await domain(request).set_presence(seller_id, body.status):
+        raise web.HTTPNotFound()
+    return json_response({"seller_id": seller_id, "status": body.status})
+
+
+HANDLERS = {
+    "customer_token": customer_token,
+    "customer_register": customer_register,
+    "supporters": supporters,
+    "cors_preflight": cors_preflight,
+}
+
+
+def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
+    deps = deps or Deps()
+    app = service_app(SERVICE, settings, HANDLERS)
+    app.router.add_get("/internal/customers", internal_customer)
+    app.router.add_get("/internal/stores/{store_id:[0-9]+}/sellers", internal_store_sellers)
+    app.router.add_post("/internal/agents/{seller_id:[0-9]+}/presence", internal_presence)
+
+    async def domain_ctx(app: web.Application) -> AsyncIterator[None]:
+        tokens: TokenIssuer = deps.tokens or HttpTokenIssuer(
+            settings.auth_url, settings.internal_secret
+        )
+        customer = CustomerDomain(app[DB], app[BUS], settings, tokens)
+        app[CUSTOMER] = customer
+        if deps.customers is None:
+            deps.customers = LocalCustomerDirectory(customer)
+        subscription = await app[BUS].subscribe(
+            f"{settings.amqp_exchange}.customer.presence",
+            ["agent.presence"],
+            customer.on_presence_event,
+        )
+        try:
+            yield
+        finally:
+            await subscription.cancel()
+            if deps.tokens is None:
+                await tokens.close()
+
+    app.cleanup_ctx.extend(
+        [
+            database_ctx(deps, INDEXES),
+            bus_ctx(deps, SERVICE),
+            verifier_ctx(deps),
+            domain_ctx,
+            outbox_ctx(lambda db: CustomerDomain(db, None, settings, None).outbox_collections()),
+        ]
+    )
+    return app

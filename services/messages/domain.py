@@ -1,0 +1,437 @@
+"""The messages domain: storing accepted messages in inboxes and group queues, turning group
+changes into group notifications, offline counts and history. No HTTP here.
+
+Every message goes through ``post``: the accepted message is recorded (``pending``, with its
+recipients), stored in each inbox idempotently, then marked ``done`` together with its
+``message.*`` event (one document write) and the event is delivered. If anything stops in
+between, ``recover`` finishes it: nothing is stored twice, and every stored message gets its
+event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+import structlog
+
+from shared.bus import Bus
+from shared.errors import GROUP_NON_EXISTS, ParleyError
+from shared.events import CustomerMessage as CustomerMessageEvent
+from shared.events import (
+    Event,
+    GroupCreated,
+    GroupDisbanded,
+    GroupEvent,
+    GroupMemberAdded,
+    GroupMemberNicknameChanged,
+    GroupMemberRemoved,
+    GroupMessage,
+    GroupNoticeChanged,
+    GroupNotificationMessage,
+    GroupRenamed,
+    GroupUpgraded,
+    NotificationMessage,
+    PeerMessage,
+    RoomMessage,
+    SystemMessage,
+    utcnow,
+)
+from shared.internal import GroupDirectory
+from shared.jsonio import dumps
+from shared.mongo import Document
+from shared.outbox import deliver
+from shared.settings import Settings
+
+from .repository import MessagesRepository, group_queue, keys_of, user_inbox
+
+log = structlog.get_logger("parley.messages")
+
+# Wire-protocol command numbers of stored kinds (wire protocol §2.7).
+CMD_PEER = 4
+CMD_GROUP_NOTIFICATION = 7
+CMD_GROUP = 8
+CMD_SYSTEM = 21
+CMD_CUSTOMER = 64
+HISTORY_CMDS = (CMD_PEER, CMD_GROUP, CMD_CUSTOMER)
+HISTORY_LIMIT = 1024
+GROUP_NO_MEMBER = "group no member"
+
+
+def new_msg_id() -> str:
+    return uuid.uuid4().hex
+
+
+class MessagesDomain:
+    def __init__(
+        self,
+        repo: MessagesRepository,
+        bus: Bus | None,
+        settings: Settings,
+        groups: GroupDirectory,
+    ) -> None:
+        self.repo = repo
+        self.bus = bus
+        self.settings = settings
+        self.groups = groups
+
+    # ---- the message lifecycle ----
+
+    async def post(self, post: Document, rid: str = "") -> Document:
+        """Accept, store and announce one message described by ``post``; returns it done."""
+        post = {
+            "state": "pending",
+            "created_at": utcnow(),
+            "timestamp": int(time.time()),
+            **post,
+        }
+        existing = await self.repo.insert_post(post)
+        if existing is not None:
+            if existing["state"] == "done":
+                return existing
+            post = existing
+        await self._complete(post, rid)
+        return post
+
+    async def _complete(self, post: Document, rid: str) -> None:
+        owners, fields = self._placement(post)
+        keys = await self.repo.append(post["appid"], owners, post["_id"], fields)
+        event = self._event(post, keys)
+        if await self.repo.finish_post(post["_id"], keys, [event], rid):
+            await deliver(self.repo.posts, post["_id"], [event], self.bus, rid)
+        post["keys"] = keys
+
+    async def recover(self, grace: float) -> int:
+        """Finish posts left pending (a crash between accepting and announcing)."""
+        done = 0
+        for post in await self.repo.pending_posts(utcnow() - timedelta(seconds=grace)):
+            try:
+                await self._complete(post, "")
+                done += 1
+            except Exception as exc:  # keep going; the next pass retries
+                log.warning("recovering a pending message failed", msg=post["_id"], error=repr(exc))
+        if done:
+            log.info("recovered pending messages", count=done)
+        return done
+
+    async def run_recovery(self, interval: float, grace: float) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                await self.recover(grace)
+            await asyncio.sleep(interval)
+
+    @staticmethod
+    def _placement(post: Document) -> tuple[list[str], Document]:
+        """Which inboxes a post is stored in, and the stored fields."""
+        kind = post["kind"]
+        fields: Document = {"content": post["content"], "timestamp": post["timestamp"]}
+        if kind == "peer":
+            fields |= {"cmd": CMD_PEER, "sender": post["sender"], "receiver": post["receiver"]}
+            return [user_inbox(post["receiver"]), user_inbox(post["sender"])], fields
+        if kind == "group":
+            fields |= {"cmd": CMD_GROUP, "sender": post["sender"], "receiver": post["gid"]}
+            if post["super"]:
+                return [group_queue(post["gid"])], fields
+            return [user_inbox(uid) for uid in post["members"]], fields
+        if kind == "system":
+            fields |= {"cmd": CMD_SYSTEM, "sender": 0, "receiver": 0}
+            return [user_inbox(uid) for uid in post["receivers"]], fields
+        if kind == "group_notification":
+            fields |= {"cmd": CMD_GROUP_NOTIFICATION, "sender": 0, "receiver": post["gid"]}
+            if post["super"] and not post.get("per_inbox"):
+                return [group_queue(post["gid"])], fields
+            return [user_inbox(uid) for uid in post["recipients"]], fields
+        if kind == "customer":
+            fields |= {
+                "cmd": CMD_CUSTOMER,
+                "sender": post["sender"],
+                "receiver": post["receiver"],
+                "sender_appid": post["sender_appid"],
+                "receiver_appid": post["receiver_appid"],
+            }
+            # The post belongs to the sender's app; the receiver's copy, in the receiver's
+            # app, was stored before the post (see ``post_customer``).
+            return [user_inbox(post["sender"])], fields
+        return [], fields  # notification, room: never stored
+
+    @staticmethod
+    def _event(post: Document, keys: dict[str, int]) -> Event:
+        base = {
+            "appid": post["appid"],
+            "msg_id": post["_id"],
+            "content": post["content"],
+            "timestamp": post["timestamp"],
+        }
+        kind = post["kind"]
+        if kind == "peer":
+            return PeerMessage(
+                **base, sender=post["sender"], receiver=post["receiver"], keys=keys_of(keys)
+            )
+        if kind == "group":
+            return GroupMessage(
+                **base,
+                sender=post["sender"],
+                gid=post["gid"],
+                super=post["super"],
+                members=post["members"],
+                keys=keys_of(keys),
+                group_key=keys.get(group_queue(post["gid"])),
+            )
+        if kind == "system":
+            return SystemMessage(**base, keys=keys_of(keys))
+        if kind == "notification":
+            return NotificationMessage(**base, receiver=post["receiver"])
+        if kind == "room":
+            return RoomMessage(**base, sender=post["sender"], room=post["room"])
+        if kind == "group_notification":
+            return GroupNotificationMessage(
+                **base,
+                gid=post["gid"],
+                super=post["super"],
+                recipients=post["recipients"],
+                keys=keys_of(keys),
+                group_key=keys.get(group_queue(post["gid"])),
+                cause=post.get("cause"),
+            )
+        if kind == "customer":
+            return CustomerMessageEvent(
+                **base,
+                sender_appid=post["sender_appid"],
+                sender=post["sender"],
+                receiver_appid=post["receiver_appid"],
+                receiver=post["receiver"],
+                sender_key=keys[user_inbox(post["sender"])],
+                receiver_key=post["receiver_key"],
+            )
+        raise ValueError(f"unknown message kind {kind!r}")
+
+    # ---- the REST endpoints' operations ----
+
+    async def post_peer(
+        self, appid: int, sender: int, receiver: int, content: str, rid: str = ""
+    ) -> Document:
+        return await self.post(
+            {
+                "_id": new_msg_id(),
+                "appid": appid,
+                "kind": "peer",
+                "sender": sender,
+                "receiver": receiver,
+                "content": content,
+            },
+            rid,
+        )
+
+    async def post_group(
+        self, appid: int, sender: int, gid: int, content: str, rid: str = ""
+    ) -> Document:
+        group = await self.groups.get_group(appid, gid)
+        if group is None:
+            raise ParleyError(GROUP_NON_EXISTS)
+        return await self.post(
+            {
+                "_id": new_msg_id(),
+                "appid": appid,
+                "kind": "group",
+                "sender": sender,
+                "gid": gid,
+                "super": group.super,
+                "members": group.members,
+                "content": content,
+            },
+            rid,
+        )
+
+    async def post_system(
+        self, appid: int, receivers: Sequence[int], content: str, rid: str = ""
+    ) -> Document:
+        return await self.post(
+            {
+                "_id": new_msg_id(),
+                "appid": appid,
+                "kind": "system",
+                "receivers": list(dict.fromkeys(receivers)),
+                "content": content,
+            },
+            rid,
+        )
+
+    async def post_notification(
+        self, appid: int, receiver: int, content: str, rid: str = ""
+    ) -> Document:
+        return await self.post(
+            {
+                "_id": new_msg_id(),
+                "appid": appid,
+                "kind": "notification",
+                "receiver": receiver,
+                "content": content,
+            },
+            rid,
+        )
+
+    async def post_room(
+        self, appid: int, sender: int, room: int, content: str, rid: str = ""
+    ) -> Document:
+        return await self.post(
+            {
+                "_id": new_msg_id(),
+                "appid": appid,
+                "kind": "room",
+                "sender": sender,
+                "room": room,
+                "content": content,
+            },
+            rid,
+        )
+
+    async def post_group_notification(
+        self, appid: int, gid: int, content: str, rid: str = ""
+    ) -> Document:
+        """S15: a custom notification to the group's current members."""
+        group = await self.groups.get_group(appid, gid)
+        if group is None:
+            raise ParleyError(GROUP_NON_EXISTS)
+        if not group.members:
+            raise ParleyError(GROUP_NO_MEMBER)
+        return await self.post(
+            {
+                "_id": new_msg_id(),
+                "appid": appid,
+                "kind": "group_notification",
+                "gid": gid,
+                "super": group.super,
+                "recipients": group.members,
+                "content": content,
+            },
+            rid,
+        )
+
+    async def post_customer(
+        self,
+        sender_appid: int,
+        sender: int,
+        receiver_appid: int,
+        receiver: int,
+        content: str,
+        rid: str = "",
+    ) -> Document:
+        """A customer-service message (cmd 64) between two apps, as a delivery server posts
+        it: stored in the receiver's inbox (in ``receiver_appid``) and the sender's."""
+        msg_id = new_msg_id()
+        fields = {
+            "cmd": CMD_CUSTOMER,
+            "sender": sender,
+            "receiver": receiver,
+            "sender_appid": sender_appid,
+            "receiver_appid": receiver_appid,
+            "content": content,
+            "timestamp": int(time.time()),
+        }
+        # The receiver's copy lives in another app's inboxes: store it first (idempotent by
+        # msg_id); the post in the sender's app then records and announces both.
+        receiver_keys = await self.repo.append(
+            receiver_appid, [user_inbox(receiver)], msg_id, fields
+        )
+        return await self.post(
+            {
+                "_id": msg_id,
+                "appid": sender_appid,
+                "kind": "customer",
+                "timestamp": fields["timestamp"],
+                "receiver_key": receiver_keys[user_inbox(receiver)],
+                **{k: v for k, v in fields.items() if k not in ("cmd", "timestamp")},
+            },
+            rid,
+        )
+
+    # ---- group notifications from the groups service's events ----
+
+    async def on_group_event(self, event: Event) -> None:
+        """Store the group notification a ``group.*`` event calls for (spec §2.6). Replays
+        are no-ops: the notification's id is derived from the event's."""
+        if not isinstance(event, GroupEvent):
+            return
+        built = notification_for(event)
+        if built is None:
+            return
+        op, recipients, per_inbox = built
+        if not recipients:
+            return  # nobody to notify (e.g. a group created empty): best effort, as the spec says
+        await self.post(
+            {
+                "_id": f"gn-{event.event_id}",
+                "appid": event.appid,
+                "kind": "group_notification",
+                "gid": event.gid,
+                "super": event.super,
+                "per_inbox": per_inbox,
+                "recipients": recipients,
+                "content": dumps(op),
+                "cause": event.event_id,
+                "timestamp": event.timestamp,
+            }
+        )
+
+    # ---- reads ----
+
+    async def offline_count(self, appid: int, uid: int) -> int:
+        return await self.repo.count_after_sync_key(appid, user_inbox(uid))
+
+    async def history(self, appid: int, uid: int) -> list[Document]:
+        return await self.repo.latest(appid, user_inbox(uid), HISTORY_CMDS, HISTORY_LIMIT)
+
+
+def notification_for(event: GroupEvent) -> tuple[dict[str, Any], list[int], bool] | None:
+    """(the op object, its recipients, whether to store it per inbox even for a super group)."""
+    common = {"group_id": event.gid, "timestamp": event.timestamp}
+    named = {**common, "group_name": event.name}
+    members = list(event.members)
+    if isinstance(event, GroupCreated):
+        op = {
+            "create": {
+                **common,
+                "master": event.master,
+                "name": event.name,
+                "members": event.members_given,
+            }
+        }
+        return op, members, False
+    if isinstance(event, GroupRenamed):
+        return {"update_name": {**common, "name": event.name}}, members, False
+    if isinstance(event, GroupNoticeChanged):
+        return {"update_notice": {**common, "notice": event.notice}}, members, False
+    if isinstance(event, GroupDisbanded):
+        # The group's queue is gone with it: every former member gets it in their own inbox.
+        return {"disband": named}, members, True
+    if isinstance(event, GroupUpgraded):
+        return {"upgrade": {**named, "super": 1}}, members, False
+    if isinstance(event, GroupMemberAdded):
+        body: dict[str, Any] = {**named, "member_id": event.member_id}
+        if event.member_name:
+            body["name"] = event.member_name
+        if event.avatar:
+            body["avatar"] = event.avatar
+        if event.inviter is not None:
+            body["inviter"] = event.inviter
+        return {"add_member": body}, _with(members, event.member_id), False
+    if isinstance(event, GroupMemberRemoved):
+        body = {**named, "member_id": event.member_id}
+        if event.member_name:
+            body["name"] = event.member_name
+        if event.avatar:
+            body["avatar"] = event.avatar
+        return {"quit_group": body}, _with(members, event.member_id), False
+    if isinstance(event, GroupMemberNicknameChanged):
+        body = {**named, "nickname": event.nickname, "member_id": event.member_id}
+        return {"update_member_nickname": body}, members, False
+    return None  # mute and do-not-disturb changes notify nobody
+
+
+def _with(members: list[int], uid: int) -> list[int]:
+    return members if uid in members else sorted([*members, uid])

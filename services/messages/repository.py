@@ -1,0 +1,216 @@
+"""The messages service's collections: inboxes and super-group queues with sync keys, and the
+accepted-message log.
+
+* ``messages_entries``: one document per stored message per inbox. An inbox is a user's
+  (owner ``u:<uid>``) or a super group's queue (owner ``g:<gid>``), always within an appid::
+
+      {_id: "<appid>:<owner>:<key>", appid, owner, key, msg, cmd, sender, receiver,
+       content, timestamp[, sender_appid, receiver_appid]}
+
+  **Sync keys are dense and commit-ordered** (DESIGN invariant 3): an entry is inserted under
+  key k only after entry k-1 of the same inbox is committed (k = the inbox counter + 1, or the
+  next key after a duplicate-key refusal), and ``_id`` makes each key unique. So a reader that
+  has everything up to K can never later find a new entry at or below K, however many
+  replicas write. Readers also stop at the first gap, so even a read that raced a writer
+  returns a committed prefix. ``msg`` (unique per inbox) makes every append idempotent.
+* ``messages_counters``: ``{_id: "<appid>:<owner>", seq, sync_key}``. ``seq`` is a hint (the
+  highest key known committed), raised with ``$max`` after each append; ``sync_key`` is the
+  position a delivery server last acknowledged for the user (0: none).
+* ``messages_posts``: every accepted message, first as ``pending`` (the intent, with its
+  recipients), then ``done`` with its keys and its ``message.*`` event in the outbox. A post left
+  pending by a crash is completed by the recovery loop of any replica.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from pymongo import IndexModel, UpdateOne
+from pymongo.errors import BulkWriteError, DuplicateKeyError
+
+from shared.events import Event
+from shared.mongo import Collection, Database, Document
+from shared.outbox import OUTBOX_INDEX, with_outbox
+
+ENTRIES = "messages_entries"
+COUNTERS = "messages_counters"
+POSTS = "messages_posts"
+
+INDEXES: dict[str, list[IndexModel]] = {
+    ENTRIES: [
+        IndexModel([("appid", 1), ("owner", 1), ("msg", 1)], unique=True, name="inbox_msg"),
+        IndexModel([("appid", 1), ("owner", 1), ("key", 1)], name="inbox_key"),
+    ],
+    COUNTERS: [],
+    POSTS: [IndexModel([("state", 1), ("created_at", 1)], name="pending"), OUTBOX_INDEX],
+}
+
+DUPLICATE_KEY = 11000
+
+
+def user_inbox(uid: int) -> str:
+    return f"u:{uid}"
+
+
+def group_queue(gid: int) -> str:
+    return f"g:{gid}"
+
+
+class MessagesRepository:
+    def __init__(self, db: Database) -> None:
+        self.entries: Collection = db[ENTRIES]
+        self.counters: Collection = db[COUNTERS]
+        self.posts: Collection = db[POSTS]
+
+    def outbox_collections(self) -> list[Collection]:
+        return [self.posts]
+
+    # ---- appending ----
+
+    async def append(
+        self, appid: int, owners: Sequence[str], msg_id: str, fields: Document
+    ) -> dict[str, int]:
+        """Store one message in each inbox of ``owners``; returns each inbox's key. Appending
+        a message an inbox already holds returns its existing key."""
+        owners = list(dict.fromkeys(owners))
+        if not owners:
+            return {}
+        counter_ids = [f"{appid}:{owner}" for owner in owners]
+        seqs = {
+            doc["_id"]: int(doc.get("seq", 0))
+            async for doc in self.counters.find({"_id": {"$in": counter_ids}}, {"seq": 1})
+        }
+        first = {owner: seqs.get(f"{appid}:{owner}", 0) + 1 for owner in owners}
+        docs = [self._entry(appid, owner, first[owner], msg_id, fields) for owner in owners]
+        retry: list[str] = []
+        try:
+            await self.entries.insert_many(docs, ordered=False)
+        except BulkWriteError as exc:
+            for error in exc.details.get("writeErrors", []):
+                if error.get("code") != DUPLICATE_KEY:
+                    raise
+                retry.append(owners[error["index"]])
+        keys = {owner: first[owner] for owner in owners if owner not in retry}
+        for owner in retry:
+            keys[owner] = await self._append_one(appid, owner, first[owner], msg_id, fields)
+        await self.counters.bulk_write(
+            [
+                UpdateOne({"_id": f"{appid}:{owner}"}, {"$max": {"seq": key}}, upsert=True)
+                for owner, key in keys.items()
+            ],
+            ordered=False,
+        )
+        return keys
+
+    async def _append_one(
+        self, appid: int, owner: str, key: int, msg_id: str, fields: Document
+    ) -> int:
+        while True:
+            existing = await self.entries.find_one(
+                {"appid": appid, "owner": owner, "msg": msg_id}, {"key": 1}
+            )
+            if existing is not None:
+                return int(existing["key"])
+            try:
+                await self.entries.insert_one(self._entry(appid, owner, key, msg_id, fields))
+                return key
+            except DuplicateKeyError:
+                key += 1  # taken by a message committed before us: take the next one
+
+    @staticmethod
+    def _entry(appid: int, owner: str, key: int, msg_id: str, fields: Document) -> Document:
+        return {
+            "_id": f"{appid}:{owner}:{key}",
+            "appid": appid,
+            "owner": owner,
+            "key": key,
+            "msg": msg_id,
+            **fields,
+        }
+
+    # ---- reading ----
+
+    async def page(self, appid: int, owner: str, after: int, limit: int) -> list[Document]:
+        """Entries with key > ``after``, oldest first, up to ``limit``, stopping at a gap."""
+        docs = (
+            await self.entries.find({"appid": appid, "owner": owner, "key": {"$gt": after}})
+            .sort("key", 1)
+            .limit(limit)
+            .to_list()
+        )
+        contiguous: list[Document] = []
+        expected = after + 1
+        for doc in docs:
+            if doc["key"] != expected:
+                break
+            contiguous.append(doc)
+            expected += 1
+        return contiguous
+
+    async def latest(
+        self, appid: int, owner: str, cmds: Sequence[int], limit: int
+    ) -> list[Document]:
+        """The newest ``limit`` entries of the given kinds, oldest first."""
+        docs = (
+            await self.entries.find({"appid": appid, "owner": owner, "cmd": {"$in": list(cmds)}})
+            .sort("key", -1)
+            .limit(limit)
+            .to_list()
+        )
+        return docs[::-1]
+
+    async def count_after_sync_key(self, appid: int, owner: str) -> int:
+        counter = await self.counters.find_one({"_id": f"{appid}:{owner}"}, {"sync_key": 1})
+        sync_key = int(counter.get("sync_key", 0)) if counter else 0
+        return await self.entries.count_documents(
+            {"appid": appid, "owner": owner, "key": {"$gt": sync_key}}
+        )
+
+    async def set_sync_key(self, appid: int, owner: str, key: int) -> None:
+        """Monotonic: a smaller key than the stored one changes nothing (wire protocol §6.4)."""
+        await self.counters.update_one(
+            {"_id": f"{appid}:{owner}"}, {"$max": {"sync_key": key}}, upsert=True
+        )
+
+    # ---- accepted messages ----
+
+    async def insert_post(self, post: Document) -> Document | None:
+        """Record an accepted message; returns the existing post if ``_id`` is taken."""
+        try:
+            await self.posts.insert_one(post)
+            return None
+        except DuplicateKeyError:
+            return await self.posts.find_one({"_id": post["_id"]}, {"outbox": 0})
+
+    async def finish_post(
+        self, post_id: str, keys: dict[str, int], events: Sequence[Event], rid: str
+    ) -> bool:
+        """Mark a pending post done, with its event in the outbox; False if already done."""
+        result = await self.posts.update_one(
+            {"_id": post_id, "state": "pending"},
+            with_outbox({"$set": {"state": "done", "keys": keys}}, events, rid),
+        )
+        return result.modified_count == 1
+
+    async def pending_posts(self, older_than: datetime) -> list[Document]:
+        return (
+            await self.posts.find(
+                {"state": "pending", "created_at": {"$lt": older_than}}, {"outbox": 0}
+            )
+            .sort("created_at", 1)
+            .limit(1000)
+            .to_list()
+        )
+
+    async def get_post(self, post_id: str) -> Document | None:
+        return await self.posts.find_one({"_id": post_id}, {"outbox": 0})
+
+
+def keys_of(keys: dict[str, int], prefix: str = "u:") -> list[dict[str, Any]]:
+    return [
+        {"uid": int(owner[len(prefix) :]), "key": key}
+        for owner, key in sorted(keys.items())
+        if owner.startswith(prefix)
+    ]
