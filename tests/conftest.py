@@ -105,11 +105,14 @@ class Recorder:
     """Collects the events of one app from a temporary subscription to every routing key."""
 
     appid: int | None
+    prefix: str = ""
     events: list[Event] = field(default_factory=list)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def handle(self, event: Event) -> None:
-        if self.appid is None or event.appid == self.appid:
+        if (self.appid is None or event.appid == self.appid) and event.routing_key.startswith(
+            self.prefix
+        ):
             self.events.append(event)
             self.arrived.set()
 
@@ -184,9 +187,35 @@ class Stack:
                 body = await resp.json()
             return resp.status, body, resp
 
+    async def token(self, app: App, uid: int, name: str = "") -> str:
+        status, body, _ = await self.request(
+            "POST", "/auth/grant", json={"uid": uid, "user_name": name}, headers=app.server_auth
+        )
+        assert status == 200, body
+        return str(body["data"]["token"])
+
+    async def client(self, app: App, uid: int, name: str = "") -> dict[str, str]:
+        """Bearer headers for user ``uid`` of ``app``."""
+        return {"Authorization": f"Bearer {await self.token(app, uid, name)}"}
+
+    async def inbox(self, appid: int, owner: str) -> list[dict[str, Any]]:
+        """Stored entries of an inbox (``u:<uid>``) or group queue (``g:<gid>``), by key."""
+        cursor = self.db["messages_entries"].find({"appid": appid, "owner": owner})
+        return await cursor.sort("key", 1).to_list()
+
+    async def wait_inbox(
+        self, appid: int, owner: str, count: int, timeout: float = EVENT_WAIT
+    ) -> list[dict[str, Any]]:
+        """The inbox once it holds at least ``count`` entries (stored by consumers)."""
+        async with asyncio.timeout(timeout):
+            while len(entries := await self.inbox(appid, owner)) < count:
+                await asyncio.sleep(0.05)
+        return entries
+
     @contextlib.asynccontextmanager
-    async def recorder(self, appid: int | None) -> AsyncIterator[Recorder]:
-        recorder = Recorder(appid)
+    async def recorder(self, appid: int | None, prefix: str = "") -> AsyncIterator[Recorder]:
+        """Events of one app (all apps: None) whose routing key starts with ``prefix``."""
+        recorder = Recorder(appid, prefix)
         subscription = await self.bus.subscribe(
             unique("test.recorder."), ["#"], recorder.handle, durable=False
         )
