@@ -280,8 +280,11 @@ async def test_add_members_edge_cases(stack: Stack) -> None:
     gid = await create(stack, app, {"master": 1, "name": "g", "members": [1, 2]})
     for path in (f"/groups/{gid}/members", "/groups/99999999/members"):
         # An empty list answers 200 with an empty body before the group is looked up.
-        for body in ([], {"members": []}):
-            status, reply, _ = await stack.request("POST", path, json=body, headers=app.server_auth)
+        empties: list[Any] = [[], {"members": []}]
+        for empty in empties:
+            status, reply, _ = await stack.request(
+                "POST", path, json=empty, headers=app.server_auth
+            )
             assert (status, reply) == (200, "")
     async with stack.recorder(app.appid, "group.") as events:
         # Re-adding a member is not an error: nothing stored changes, members are told again.
@@ -291,12 +294,13 @@ async def test_add_members_edge_cases(stack: Stack) -> None:
         assert status == 200
         (event,) = await events.wait_for(1)
         assert isinstance(event, GroupMemberAdded) and event.joined is False
-    for body, expected in (
+    bad: list[tuple[Any, dict[str, Any]]] = [
         ([0], INVALID_PARAM),
         (["abc"], INVALID_PARAM),
         ({"members": "1"}, INVALID_PARAM),
         ("x", INVALID_PARAM),
-    ):
+    ]
+    for body, expected in bad:
         status, reply, _ = await stack.request(
             "POST", f"/groups/{gid}/members", json=body, headers=app.server_auth
         )
@@ -386,11 +390,9 @@ async def test_member_settings(stack: Stack) -> None:
             )
             assert (status, reply) == (200, SUCCESS)
         received = await events.wait_for(3)
-    assert [type(e) for e in received] == [
-        GroupMemberDoNotDisturbChanged,
-        GroupMemberNicknameChanged,
-        GroupMemberMuted,
-    ]
+    assert isinstance(received[0], GroupMemberDoNotDisturbChanged)
+    assert isinstance(received[1], GroupMemberNicknameChanged)
+    assert isinstance(received[2], GroupMemberMuted)
     member = (await group_doc(stack, gid) or {})["members"]["2"]
     assert (member["dnd"], member["nickname"], member["mute"]) == (True, "bobby", True)
     # Only the nickname change notifies, everyone.
@@ -398,7 +400,7 @@ async def test_member_settings(stack: Stack) -> None:
     assert entries[1] == {
         "update_member_nickname": {
             "group_id": gid,
-            "timestamp": received[1].timestamp,  # type: ignore[attr-defined]
+            "timestamp": received[1].timestamp,
             "group_name": "g",
             "nickname": "bobby",
             "member_id": 2,
@@ -597,7 +599,7 @@ async def test_another_app_cannot_touch_a_group(stack: Stack) -> None:
     b_user_1 = await stack.client(b, 1)  # the same uid, in app B
     before = await group_doc(stack, gid)
     async with stack.recorder(a.appid) as a_events:
-        for method, path, body in (
+        server_calls: list[tuple[str, str, Any]] = [
             ("PATCH", f"/groups/{gid}", {"name": "x"}),
             ("DELETE", f"/groups/{gid}", None),
             ("POST", f"/groups/{gid}/members", [3]),
@@ -605,10 +607,11 @@ async def test_another_app_cannot_touch_a_group(stack: Stack) -> None:
             ("DELETE", f"/groups/{gid}/members", [2]),
             ("POST", f"/groups/{gid}/upgrade", None),
             ("PATCH", f"/groups/{gid}/members/2", {"mute": True}),
-        ):
+        ]
+        for method, path, body in server_calls:
             status, reply, _ = await stack.request(method, path, json=body, headers=b.server_auth)
             assert (status, reply) == (400, NON_EXISTS), path
-        for method, path, body in (
+        client_calls: list[tuple[str, str, Any]] = [
             ("GET", f"/client/groups/{gid}", None),
             ("PATCH", f"/client/groups/{gid}", {"name": "x"}),
             ("DELETE", f"/client/groups/{gid}", None),
@@ -616,7 +619,8 @@ async def test_another_app_cannot_touch_a_group(stack: Stack) -> None:
             ("DELETE", f"/client/groups/{gid}/members/1", None),
             ("DELETE", f"/client/groups/{gid}/members", [2]),
             ("PATCH", f"/client/groups/{gid}/members/1", {"quiet": 1}),
-        ):
+        ]
+        for method, path, body in client_calls:
             status, reply, _ = await stack.request(method, path, json=body, headers=b_user_1)
             assert (status, reply) == (400, NON_EXISTS), path
         status, reply, _ = await stack.request("GET", "/client/groups", headers=b_user_1)
