@@ -350,19 +350,20 @@ class _LocalQueue:
     patterns: list[str]
     durable: bool
     items: asyncio.Queue[_Delivery] = field(default_factory=asyncio.Queue)
-    worker: asyncio.Task[None] | None = None
+    workers: set[asyncio.Task[None]] = field(default_factory=set)
 
     def matches(self, routing_key: str) -> bool:
         return any(topic_matches(p, routing_key) for p in self.patterns)
 
 
 class _LocalSubscription(Subscription):
-    def __init__(self, bus: LocalBus, queue: _LocalQueue) -> None:
+    def __init__(self, bus: LocalBus, queue: _LocalQueue, worker: asyncio.Task[None]) -> None:
         self._bus = bus
         self._queue = queue
+        self._worker = worker
 
     async def cancel(self) -> None:
-        await self._bus._stop_worker(self._queue)
+        await self._bus._stop_worker(self._queue, self._worker)
 
 
 class LocalBus(Bus):
@@ -380,7 +381,8 @@ class LocalBus(Bus):
 
     async def close(self) -> None:
         for queue in list(self._queues.values()):
-            await self._stop_worker(queue)
+            for worker in list(queue.workers):
+                await self._stop_worker(queue, worker)
 
     async def publish(
         self,
@@ -410,11 +412,11 @@ class LocalBus(Bus):
         if local is None:
             local = _LocalQueue(queue, [], durable)
             self._queues[queue] = local
-        if local.worker is not None and not local.worker.done():
-            raise RuntimeError(f"queue {queue!r} already has a consumer")
         local.patterns.extend(p for p in bindings if p not in local.patterns)
-        local.worker = asyncio.create_task(self._work(local, handler), name=f"bus:{queue}")
-        return _LocalSubscription(self, local)
+        # Several subscribers of one queue compete for its events, as replicas do on RabbitMQ.
+        worker = asyncio.create_task(self._work(local, handler), name=f"bus:{queue}")
+        local.workers.add(worker)
+        return _LocalSubscription(self, local, worker)
 
     async def _work(self, queue: _LocalQueue, handler: EventHandler) -> None:
         while True:
@@ -439,13 +441,12 @@ class LocalBus(Bus):
             elif outcome == "dead":
                 self._dead.append(DeadLetter(delivery.routing_key, delivery.body, queue.name))
 
-    async def _stop_worker(self, queue: _LocalQueue) -> None:
-        worker, queue.worker = queue.worker, None
-        if worker is not None:
-            worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await worker
-        if not queue.durable:
+    async def _stop_worker(self, queue: _LocalQueue, worker: asyncio.Task[None]) -> None:
+        queue.workers.discard(worker)
+        worker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await worker
+        if not queue.durable and not queue.workers:
             self._queues.pop(queue.name, None)
 
     async def take_dead_letters(self, limit: int = 100) -> list[DeadLetter]:

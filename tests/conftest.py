@@ -41,7 +41,7 @@ from parley.servers import (
 from services.auth.domain import AppCredentials, AuthDomain
 from services.auth.repository import INDEXES as AUTH_INDEXES
 from services.auth.repository import AuthRepository
-from shared.bus import Bus, LocalBus, RabbitBus
+from shared.bus import Bus, LocalBus, RabbitBus, topic_matches
 from shared.events import Event
 from shared.gateway import render_nginx
 from shared.logs import configure_logging
@@ -105,13 +105,13 @@ class Recorder:
     """Collects the events of one app from a temporary subscription to every routing key."""
 
     appid: int | None
-    prefix: str = ""
+    pattern: str = "#"
     events: list[Event] = field(default_factory=list)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def handle(self, event: Event) -> None:
-        if (self.appid is None or event.appid == self.appid) and event.routing_key.startswith(
-            self.prefix
+        if (self.appid is None or event.appid == self.appid) and topic_matches(
+            self.pattern, event.routing_key
         ):
             self.events.append(event)
             self.arrived.set()
@@ -206,16 +206,22 @@ class Stack:
     async def wait_inbox(
         self, appid: int, owner: str, count: int, timeout: float = EVENT_WAIT
     ) -> list[dict[str, Any]]:
-        """The inbox once it holds at least ``count`` entries (stored by consumers)."""
+        """The inbox once it holds at least ``count`` entries (stored by consumers) and every
+        message of the app has been announced (so later recorders see none of them)."""
+        posts = self.db["messages_posts"]
         async with asyncio.timeout(timeout):
             while len(entries := await self.inbox(appid, owner)) < count:
+                await asyncio.sleep(0.05)
+            while await posts.count_documents(
+                {"appid": appid, "$or": [{"state": "pending"}, {"outbox_n": {"$gt": 0}}]}
+            ):
                 await asyncio.sleep(0.05)
         return entries
 
     @contextlib.asynccontextmanager
-    async def recorder(self, appid: int | None, prefix: str = "") -> AsyncIterator[Recorder]:
-        """Events of one app (all apps: None) whose routing key starts with ``prefix``."""
-        recorder = Recorder(appid, prefix)
+    async def recorder(self, appid: int | None, pattern: str = "#") -> AsyncIterator[Recorder]:
+        """Events of one app (all apps: None) whose routing key matches the topic ``pattern``."""
+        recorder = Recorder(appid, pattern)
         subscription = await self.bus.subscribe(
             unique("test.recorder."), ["#"], recorder.handle, durable=False
         )

@@ -65,7 +65,7 @@ async def wait_name(stack: Stack, appid: int, uid: int, name: str) -> None:
 
 async def test_create_group(stack: Stack) -> None:
     app = await stack.new_app()
-    async with stack.recorder(app.appid, "group.") as events:
+    async with stack.recorder(app.appid, "group.#") as events:
         gid = await create(
             stack,
             app,
@@ -116,7 +116,7 @@ async def test_create_group(stack: Stack) -> None:
 )
 async def test_create_group_refuses_bad_bodies(stack: Stack, body: dict[str, Any]) -> None:
     app = await stack.new_app()
-    async with stack.recorder(app.appid, "group.") as events:
+    async with stack.recorder(app.appid, "group.#") as events:
         status, reply, _ = await stack.request(
             "POST", "/groups", json=body, headers=app.server_auth
         )
@@ -158,7 +158,7 @@ async def test_rename_group(stack: Stack) -> None:
     app = await stack.new_app()
     gid = await create(stack, app, {"master": 1, "name": "old", "members": [1, 2]})
     await notified(stack, app.appid, 2, 1)
-    async with stack.recorder(app.appid, "group.") as events:
+    async with stack.recorder(app.appid, "group.#") as events:
         status, reply, _ = await stack.request(
             "PATCH", f"/groups/{gid}", json={"name": "new"}, headers=app.server_auth
         )
@@ -181,7 +181,7 @@ async def test_rename_group(stack: Stack) -> None:
 async def test_disband_reaches_every_member(stack: Stack) -> None:
     app = await stack.new_app()
     gid = await create(stack, app, {"master": 1, "name": "bye", "members": [1, 2, 3]})
-    async with stack.recorder(app.appid, "group.") as events:
+    async with stack.recorder(app.appid, "group.#") as events:
         status, reply, _ = await stack.request("DELETE", f"/groups/{gid}", headers=app.server_auth)
         assert (status, reply) == (200, SUCCESS)
         (event,) = await events.wait_for(1)
@@ -202,7 +202,7 @@ async def test_upgrade_to_super_group(stack: Stack) -> None:
     app = await stack.new_app()
     gid = await create(stack, app, {"master": 1, "name": "big", "members": [1, 2]})
     await notified(stack, app.appid, 1, 1)
-    async with stack.recorder(app.appid, "group.") as events:
+    async with stack.recorder(app.appid, "group.#") as events:
         for _ in range(2):  # idempotent: each call repeats the event and the notification
             status, reply, _ = await stack.request(
                 "POST", f"/groups/{gid}/upgrade", headers=app.server_auth
@@ -245,7 +245,7 @@ async def test_add_members_in_each_body_form(stack: Stack, body: Any) -> None:
     app = await stack.new_app()
     gid = await create(stack, app, {"master": 1, "name": "g", "members": [1]})
     await notified(stack, app.appid, 1, 1)
-    async with stack.recorder(app.appid, "group.") as events:
+    async with stack.recorder(app.appid, "group.#") as events:
         status, reply, _ = await stack.request(
             "POST", f"/groups/{gid}/members", json=body, headers=app.server_auth
         )
@@ -286,7 +286,7 @@ async def test_add_members_edge_cases(stack: Stack) -> None:
                 "POST", path, json=empty, headers=app.server_auth
             )
             assert (status, reply) == (200, "")
-    async with stack.recorder(app.appid, "group.") as events:
+    async with stack.recorder(app.appid, "group.#") as events:
         # Re-adding a member is not an error: nothing stored changes, members are told again.
         status, _, _ = await stack.request(
             "POST", f"/groups/{gid}/members", json=[2], headers=app.server_auth
@@ -316,7 +316,7 @@ async def test_remove_one_member_uses_the_stored_name(stack: Stack) -> None:
     await stack.token(app, 2, "bob")
     await wait_name(stack, app.appid, 2, "bob")
     gid = await create(stack, app, {"master": 1, "name": "g", "members": [1, 2]})
-    async with stack.recorder(app.appid, "group.") as events:
+    async with stack.recorder(app.appid, "group.#") as events:
         for _ in range(2):  # idempotent
             status, reply, _ = await stack.request(
                 "DELETE", f"/groups/{gid}/members/2", headers=app.server_auth
@@ -346,7 +346,7 @@ async def test_remove_one_member_uses_the_stored_name(stack: Stack) -> None:
 async def test_remove_several_members(stack: Stack) -> None:
     app = await stack.new_app()
     gid = await create(stack, app, {"master": 1, "name": "g", "members": [1, 2, 3, 4]})
-    async with stack.recorder(app.appid, "group.") as events:
+    async with stack.recorder(app.appid, "group.#") as events:
         status, reply, _ = await stack.request(
             "DELETE",
             f"/groups/{gid}/members",
@@ -383,7 +383,7 @@ async def test_member_settings(stack: Stack) -> None:
     gid = await create(stack, app, {"master": 1, "name": "g", "members": [1, 2]})
     await notified(stack, app.appid, 1, 1)
     path = f"/groups/{gid}/members/2"
-    async with stack.recorder(app.appid, "group.") as events:
+    async with stack.recorder(app.appid, "group.#") as events:
         for body in ({"do_not_disturb": True}, {"nickname": "bobby"}, {"mute": 1}):
             status, reply, _ = await stack.request(
                 "PATCH", path, json=body, headers=app.server_auth
@@ -486,7 +486,7 @@ async def test_client_patch_rules(stack: Stack) -> None:
     alice, bob, carol = [await stack.client(app, uid) for uid in (1, 2, 3)]
     gid = await client_create(stack, alice, {"master": 1, "name": "g", "members": [2]})
     path = f"/client/groups/{gid}"
-    async with stack.recorder(app.appid, "group.") as events:
+    async with stack.recorder(app.appid, "group.#") as events:
         cases = [
             (bob, {"name": "by bob"}, 200, SUCCESS),  # any member renames
             (bob, {"notice": "hi"}, 400, NO_AUTHORITY),  # only the master sets the notice
@@ -515,7 +515,7 @@ async def test_client_disband_and_invite_rules(stack: Stack) -> None:
     assert (status, reply) == (400, NO_AUTHORITY)  # only members invite
     status, reply, _ = await stack.request("POST", f"{path}/members", json=[], headers=carol)
     assert (status, reply) == (200, "")
-    async with stack.recorder(app.appid, "group.") as events:
+    async with stack.recorder(app.appid, "group.#") as events:
         status, reply, _ = await stack.request(
             "POST", f"{path}/members", json={"members": [4], "inviter": {"uid": 99}}, headers=bob
         )
