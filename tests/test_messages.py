@@ -347,18 +347,16 @@ async def parley_with(stack: Stack, **settings: Any) -> AsyncIterator[str]:
 async def test_disabled_apps_cannot_inject(local_stack: Stack) -> None:
     stack = local_stack
     app, other = await stack.new_app(), await stack.new_app()
-    async with parley_with(stack, disabled_app_ids=frozenset({app.appid})) as base:
-        async with aiohttp.ClientSession() as http:
-            for path in ("/messages/peers", "/messages/rooms", "/messages/systems"):
-                async with http.post(base + path, data=b"garbage", headers=app.server_auth) as r:
-                    assert r.status == 400
-                    assert await r.json() == {"meta": {"code": 400, "message": "disabled appid"}}
-            body = {"sender": 1, "receiver": 2, "content": "x"}
-            async with http.post(
-                base + "/messages/peers", json=body, headers=other.server_auth
-            ) as r:
-                assert r.status == 200
-            async with http.post(  # other endpoints ignore the list
-                base + "/auth/grant", json={"uid": 1}, headers=app.server_auth
-            ) as r:
-                assert r.status == 200
+    disabled = parley_with(stack, disabled_app_ids=frozenset({app.appid}))
+    async with disabled as base, aiohttp.ClientSession() as http:
+        for path in ("/messages/peers", "/messages/rooms", "/messages/systems"):
+            async with http.post(base + path, data=b"garbage", headers=app.server_auth) as r:
+                assert r.status == 400
+                assert await r.json() == {"meta": {"code": 400, "message": "disabled appid"}}
+        body = {"sender": 1, "receiver": 2, "content": "x"}
+        async with http.post(base + "/messages/peers", json=body, headers=other.server_auth) as r:
+            assert r.status == 200
+        async with http.post(  # other endpoints ignore the list
+            base + "/auth/grant", json={"uid": 1}, headers=app.server_auth
+        ) as r:
+            assert r.status == 200
