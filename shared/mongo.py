@@ -11,9 +11,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import structlog
-from pymongo import AsyncMongoClient, IndexModel
+from pymongo import AsyncMongoClient, IndexModel, ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
 
 log = structlog.get_logger("parley.mongo")
 
@@ -34,3 +35,20 @@ async def ensure_indexes(db: Database, declared: Mapping[str, Sequence[IndexMode
         for index in indexes:
             await db[collection].create_indexes([index])
         log.debug("indexes ready", collection=collection, count=len(indexes))
+
+
+async def next_sequence(counters: Collection, name: str, start: int = 0) -> int:
+    """The next number of a named counter (the first is ``start + 1``)."""
+    for _ in range(5):
+        try:
+            doc = await counters.find_one_and_update(
+                {"_id": name},
+                {"$inc": {"seq": 1}},
+                upsert=True,
+                return_document=ReturnDocument.AFTER,
+            )
+        except DuplicateKeyError:
+            continue  # two first uses raced to create the counter: the loser retries
+        assert doc is not None
+        return start + int(doc["seq"])
+    raise RuntimeError(f"counter {name!r} did not settle")

@@ -19,7 +19,7 @@ from pymongo.errors import DuplicateKeyError
 
 from shared.events import Event
 from shared.internal import UidTaken
-from shared.mongo import Collection, Database, Document
+from shared.mongo import Collection, Database, Document, next_sequence
 from shared.outbox import OUTBOX_INDEX, new_with_outbox, with_outbox
 
 APPS = "auth_apps"
@@ -53,14 +53,7 @@ class AuthRepository:
     # ---- apps ----
 
     async def next_appid(self) -> int:
-        doc = await self.counters.find_one_and_update(
-            {"_id": "appid"},
-            {"$inc": {"seq": 1}},
-            upsert=True,
-            return_document=ReturnDocument.AFTER,
-        )
-        assert doc is not None
-        return int(doc["seq"])
+        return await next_sequence(self.counters, "appid")
 
     async def insert_app(self, app: Document, events: Sequence[Event]) -> None:
         update = with_outbox({"$set": app}, events)

@@ -21,14 +21,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from pymongo import IndexModel, ReturnDocument
+from pymongo import IndexModel
 from pymongo.errors import DuplicateKeyError
 
 from shared.bus import Bus
 from shared.errors import APP_NO_CUSTOMER, STORE_NO_SUPPORTER, ParleyError
 from shared.events import AgentPresence, CustomerRegistered, Event, SupporterAssigned, utcnow
 from shared.internal import CustomerDirectory, TokenIssuer, UidTaken
-from shared.mongo import Collection, Database, Document
+from shared.mongo import Collection, Database, Document, next_sequence
 from shared.outbox import OUTBOX_INDEX, deliver, new_with_outbox, with_outbox
 from shared.settings import Settings
 
@@ -78,11 +78,7 @@ class CustomerDomain:
         return [self.stores, self.agents, self.clients, self.assignments]
 
     async def _next(self, name: str) -> int:
-        doc = await self.counters.find_one_and_update(
-            {"_id": name}, {"$inc": {"seq": 1}}, upsert=True, return_document=ReturnDocument.AFTER
-        )
-        assert doc is not None
-        return int(doc["seq"])
+        return await next_sequence(self.counters, name)
 
     # ---- stores and agents (management) ----
 

@@ -19,12 +19,12 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
-from pymongo import IndexModel, ReturnDocument
+from pymongo import IndexModel
 from pymongo.errors import DuplicateKeyError
 
 from shared.errors import GROUP_NON_EXISTS, ParleyError
 from shared.events import Event
-from shared.mongo import Collection, Database, Document
+from shared.mongo import Collection, Database, Document, next_sequence
 from shared.outbox import OUTBOX_INDEX, new_with_outbox, with_outbox
 
 GROUPS = "groups_groups"
@@ -61,14 +61,7 @@ class GroupsRepository:
 
     async def next_gid(self) -> int:
         while True:
-            doc = await self.counters.find_one_and_update(
-                {"_id": "gid"},
-                {"$inc": {"seq": 1}},
-                upsert=True,
-                return_document=ReturnDocument.AFTER,
-            )
-            assert doc is not None
-            gid = int(doc["seq"])
+            gid = await next_sequence(self.counters, "gid")
             # An external id (EXTERNAL_GROUP_ID) may already hold this number: skip it.
             if await self.groups.count_documents({"_id": gid}, limit=1) == 0:
                 return gid

@@ -95,14 +95,24 @@ class MessagesRepository:
         keys = {owner: first[owner] for owner in owners if owner not in retry}
         for owner in retry:
             keys[owner] = await self._append_one(appid, owner, first[owner], msg_id, fields)
-        await self.counters.bulk_write(
-            [
-                UpdateOne({"_id": f"{appid}:{owner}"}, {"$max": {"seq": key}}, upsert=True)
-                for owner, key in keys.items()
-            ],
-            ordered=False,
-        )
+        await self._raise_counters(appid, keys)
         return keys
+
+    async def _raise_counters(self, appid: int, keys: dict[str, int]) -> None:
+        updates = [
+            UpdateOne({"_id": f"{appid}:{owner}"}, {"$max": {"seq": key}}, upsert=True)
+            for owner, key in keys.items()
+        ]
+        for _ in range(3):
+            try:
+                await self.counters.bulk_write(updates, ordered=False)
+                return
+            except BulkWriteError as exc:
+                # Two first appends raced to create a counter: retry those (now updates).
+                errors = exc.details.get("writeErrors", [])
+                if any(e.get("code") != DUPLICATE_KEY for e in errors):
+                    raise
+                updates = [updates[e["index"]] for e in errors]
 
     async def _append_one(
         self, appid: int, owner: str, key: int, msg_id: str, fields: Document
