@@ -242,6 +242,7 @@ async def test_offline_count_by_customer_id(stack: Stack) -> None:
     token = (await register(stack, app, {"appid": app.appid, "customer_id": "vip"}))[1]["data"][
         "token"
     ]
+    # The visitor's own badge, with no parameters.
     status, reply, _ = await stack.request(
         "GET", "/messages/offline", headers={"Authorization": f"Bearer {token}"}
     )
