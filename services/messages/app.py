@@ -35,7 +35,6 @@ from shared.web import (
     bus_ctx,
     cors_preflight,
     database_ctx,
-    outbox_ctx,
     require_internal,
     service_app,
     verifier_ctx,
@@ -340,7 +339,6 @@ def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
             bus_ctx(deps, SERVICE),
             verifier_ctx(deps),
             domain_ctx,
-            outbox_ctx(lambda db: MessagesRepository(db).outbox_collections()),
         ]
     )
     return app

@@ -2,10 +2,10 @@
 changes into group notifications, offline counts and history. No HTTP here.
 
 Every message goes through ``post``: the accepted message is recorded (``pending``, with its
-recipients), stored in each inbox idempotently, then marked ``done`` together with its
-``message.*`` event (one document write) and the event is delivered. If anything stops in
-between, ``recover`` finishes it: nothing is stored twice, and every stored message gets its
-event.
+recipients), stored in each inbox idempotently, its ``message.*`` event is published (its
+event id is the message id) and the post is marked ``done``. If anything stops in between, or
+the broker is away, ``recover`` finishes it: nothing is stored twice, and every stored message
+gets its event (possibly twice, under the same event id).
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ from shared.events import (
 from shared.internal import GroupDirectory
 from shared.jsonio import dumps
 from shared.mongo import Document
-from shared.outbox import deliver
 from shared.settings import Settings
 
 from .repository import MessagesRepository, group_queue, keys_of, user_inbox
@@ -101,10 +100,18 @@ class MessagesDomain:
     async def _complete(self, post: Document, rid: str) -> None:
         owners, fields = self._placement(post)
         keys = await self.repo.append(post["appid"], owners, post["_id"], fields)
-        event = self._event(post, keys)
-        if await self.repo.finish_post(post["_id"], keys, [event], rid):
-            await deliver(self.repo.posts, post["_id"], [event], self.bus, rid)
         post["keys"] = keys
+        if self.bus is None:
+            return  # a process without a broker: a running service's recovery announces it
+        event = self._event(post, keys)
+        try:
+            await self.bus.publish_event(event, headers={"request_id": rid} if rid else None)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # durable as pending: the recovery loop announces it
+            log.warning("publish failed; recovery will retry", msg=post["_id"], error=repr(exc))
+            return
+        await self.repo.finish_post(post["_id"], keys)
 
     async def recover(self, grace: float) -> int:
         """Finish posts left pending (a crash between accepting and announcing)."""
@@ -162,6 +169,8 @@ class MessagesDomain:
     @staticmethod
     def _event(post: Document, keys: dict[str, int]) -> Event:
         base = {
+            "event_id": post["_id"],  # stable: a re-announced message is recognisably the same
+            "occurred_at": post["created_at"],
             "appid": post["appid"],
             "msg_id": post["_id"],
             "content": post["content"],

@@ -17,12 +17,18 @@ accepted-message log.
   highest key known committed), raised with ``$max`` after each append; ``sync_key`` is the
   position a delivery server last acknowledged for the user (0: none).
 * ``messages_posts``: every accepted message, first as ``pending`` (the intent, with its
-  recipients), then ``done`` with its keys and its ``message.*`` event in the outbox. A post left
-  pending by a crash is completed by the recovery loop of any replica.
+  recipients), then ``done`` with its keys once its ``message.*`` event is confirmed by the
+  broker. A pending post *is* the message's outbox: one left by a crash or a broker outage is
+  completed (stored again idempotently, announced under the same event id) by the recovery
+  loop of any replica.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -30,9 +36,7 @@ from typing import Any
 from pymongo import IndexModel, UpdateOne
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
-from shared.events import Event
 from shared.mongo import Collection, Database, Document
-from shared.outbox import OUTBOX_INDEX, with_outbox
 
 ENTRIES = "messages_entries"
 COUNTERS = "messages_counters"
@@ -44,10 +48,12 @@ INDEXES: dict[str, list[IndexModel]] = {
         IndexModel([("appid", 1), ("owner", 1), ("key", 1)], name="inbox_key"),
     ],
     COUNTERS: [],
-    POSTS: [IndexModel([("state", 1), ("created_at", 1)], name="pending"), OUTBOX_INDEX],
+    POSTS: [IndexModel([("state", 1), ("created_at", 1)], name="pending")],
 }
 
 DUPLICATE_KEY = 11000
+COUNTER_STRIDE = 16
+KEY_CACHE_SIZE = 100_000
 
 
 def user_inbox(uid: int) -> str:
@@ -63,9 +69,8 @@ class MessagesRepository:
         self.entries: Collection = db[ENTRIES]
         self.counters: Collection = db[COUNTERS]
         self.posts: Collection = db[POSTS]
-
-    def outbox_collections(self) -> list[Collection]:
-        return [self.posts]
+        self._next: OrderedDict[str, int] = OrderedDict()  # inbox -> the next key to try
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     # ---- appending ----
 
@@ -73,29 +78,69 @@ class MessagesRepository:
         self, appid: int, owners: Sequence[str], msg_id: str, fields: Document
     ) -> dict[str, int]:
         """Store one message in each inbox of ``owners``; returns each inbox's key. Appending
-        a message an inbox already holds returns its existing key."""
-        owners = list(dict.fromkeys(owners))
+        a message an inbox already holds returns its existing key.
+
+        Within this process, appends to one inbox take turns (a lock per inbox) and the next
+        key is remembered, so the usual append is one ``insert_many`` for all inboxes. Other
+        replicas' appends show up as duplicate keys, resolved by ``_append_after``."""
+        owners = sorted(set(owners))
         if not owners:
             return {}
-        counter_ids = [f"{appid}:{owner}" for owner in owners]
-        seqs = {
-            doc["_id"]: int(doc.get("seq", 0))
-            async for doc in self.counters.find({"_id": {"$in": counter_ids}}, {"seq": 1})
-        }
-        first = {owner: seqs.get(f"{appid}:{owner}", 0) + 1 for owner in owners}
-        docs = [self._entry(appid, owner, first[owner], msg_id, fields) for owner in owners]
-        retry: list[str] = []
-        try:
-            await self.entries.insert_many(docs, ordered=False)
-        except BulkWriteError as exc:
-            for error in exc.details.get("writeErrors", []):
-                if error.get("code") != DUPLICATE_KEY:
-                    raise
-                retry.append(owners[error["index"]])
-        keys = {owner: first[owner] for owner in owners if owner not in retry}
-        for owner in retry:
-            keys[owner] = await self._append_one(appid, owner, first[owner], msg_id, fields)
-        await self._raise_counters(appid, keys)
+        inboxes = [f"{appid}:{owner}" for owner in owners]
+        async with contextlib.AsyncExitStack() as held:
+            for inbox in inboxes:  # sorted: no two appends wait for each other in a cycle
+                await held.enter_async_context(self._lock(inbox))
+            first = await self._next_keys(inboxes)
+            docs = [
+                self._entry(appid, owner, first[inbox], msg_id, fields)
+                for owner, inbox in zip(owners, inboxes, strict=True)
+            ]
+            retry: list[int] = []
+            try:
+                await self.entries.insert_many(docs, ordered=False)
+            except BulkWriteError as exc:
+                for error in exc.details.get("writeErrors", []):
+                    if error.get("code") != DUPLICATE_KEY:
+                        raise
+                    retry.append(error["index"])
+            keys = {owner: first[inbox] for owner, inbox in zip(owners, inboxes, strict=True)}
+            for index in retry:
+                keys[owners[index]] = await self._append_after(
+                    appid, owners[index], first[inboxes[index]], msg_id, fields
+                )
+            for owner, inbox in zip(owners, inboxes, strict=True):
+                self._remember(inbox, max(keys[owner] + 1, self._next.get(inbox, 0)))
+            # The counters are a starting point for cold processes: kept within a few keys.
+            stale = {
+                owner: key
+                for index, (owner, key) in enumerate(keys.items())
+                if index in retry or key % COUNTER_STRIDE == 0
+            }
+            await self._raise_counters(appid, stale)
+        return keys
+
+    def _lock(self, inbox: str) -> asyncio.Lock:
+        lock = self._locks.get(inbox)
+        if lock is None:
+            lock = asyncio.Lock()
+            self._locks[inbox] = lock
+        return lock
+
+    def _remember(self, inbox: str, next_key: int) -> None:
+        self._next[inbox] = next_key
+        self._next.move_to_end(inbox)
+        while len(self._next) > KEY_CACHE_SIZE:
+            self._next.popitem(last=False)
+
+    async def _next_keys(self, inboxes: list[str]) -> dict[str, int]:
+        keys = {inbox: self._next[inbox] for inbox in inboxes if inbox in self._next}
+        cold = [inbox for inbox in inboxes if inbox not in keys]
+        if cold:
+            seqs = {
+                doc["_id"]: int(doc.get("seq", 0))
+                async for doc in self.counters.find({"_id": {"$in": cold}}, {"seq": 1})
+            }
+            keys |= {inbox: seqs.get(inbox, 0) + 1 for inbox in cold}
         return keys
 
     async def _raise_counters(self, appid: int, keys: dict[str, int]) -> None:
@@ -104,6 +149,8 @@ class MessagesRepository:
             for owner, key in keys.items()
         ]
         for _ in range(3):
+            if not updates:
+                return
             try:
                 await self.counters.bulk_write(updates, ordered=False)
                 return
@@ -114,20 +161,33 @@ class MessagesRepository:
                     raise
                 updates = [updates[e["index"]] for e in errors]
 
-    async def _append_one(
+    async def _append_after(
         self, appid: int, owner: str, key: int, msg_id: str, fields: Document
     ) -> int:
+        """``key`` was taken: store after the inbox's last entry, unless it holds ``msg_id``.
+        Entries at and above ``key`` are all committed (keys are dense), so the one after the
+        last of them is the next free key."""
         while True:
-            existing = await self.entries.find_one(
+            mine = await self.entries.find_one(
                 {"appid": appid, "owner": owner, "msg": msg_id}, {"key": 1}
             )
-            if existing is not None:
-                return int(existing["key"])
+            if mine is not None:  # stored before (a retried or recovered message)
+                return int(mine["key"])
+            last = (
+                await self.entries.find(
+                    {"appid": appid, "owner": owner, "key": {"$gte": key}}, {"key": 1}
+                )
+                .sort("key", -1)
+                .limit(1)
+                .to_list()
+            )
+            if last:
+                key = int(last[0]["key"]) + 1
             try:
                 await self.entries.insert_one(self._entry(appid, owner, key, msg_id, fields))
                 return key
             except DuplicateKeyError:
-                key += 1  # taken by a message committed before us: take the next one
+                continue  # another replica took it meanwhile: look again
 
     @staticmethod
     def _entry(appid: int, owner: str, key: int, msg_id: str, fields: Document) -> Document:
@@ -192,30 +252,24 @@ class MessagesRepository:
             await self.posts.insert_one(post)
             return None
         except DuplicateKeyError:
-            return await self.posts.find_one({"_id": post["_id"]}, {"outbox": 0})
+            return await self.posts.find_one({"_id": post["_id"]})
 
-    async def finish_post(
-        self, post_id: str, keys: dict[str, int], events: Sequence[Event], rid: str
-    ) -> bool:
-        """Mark a pending post done, with its event in the outbox; False if already done."""
-        result = await self.posts.update_one(
-            {"_id": post_id, "state": "pending"},
-            with_outbox({"$set": {"state": "done", "keys": keys}}, events, rid),
+    async def finish_post(self, post_id: str, keys: dict[str, int]) -> None:
+        """Mark a post done: stored everywhere and announced."""
+        await self.posts.update_one(
+            {"_id": post_id, "state": "pending"}, {"$set": {"state": "done", "keys": keys}}
         )
-        return result.modified_count == 1
 
     async def pending_posts(self, older_than: datetime) -> list[Document]:
         return (
-            await self.posts.find(
-                {"state": "pending", "created_at": {"$lt": older_than}}, {"outbox": 0}
-            )
+            await self.posts.find({"state": "pending", "created_at": {"$lt": older_than}})
             .sort("created_at", 1)
             .limit(1000)
             .to_list()
         )
 
     async def get_post(self, post_id: str) -> Document | None:
-        return await self.posts.find_one({"_id": post_id}, {"outbox": 0})
+        return await self.posts.find_one({"_id": post_id})
 
 
 def keys_of(keys: dict[str, int], prefix: str = "u:") -> list[dict[str, Any]]:
