@@ -111,6 +111,67 @@ def test_parley_run_prints_a_working_tour(running: tuple[str, str, Path], tmp_pa
     listed = parley("app", "list", "--json", "--mongo-url", mongo_url)
     assert [a["name"] for a in json.loads(listed.stdout)] == ["demo", "second"]
 
+    # A customer-service desk for it, and a visitor through the running Parley.
+    store = parley(
+        "store",
+        "create",
+        "--app",
+        str(app["appid"]),
+        "--name",
+        "desk",
+        "--json",
+        "--mongo-url",
+        mongo_url,
+    )
+    assert store.returncode == 0, store.stderr
+    store_id = json.loads(store.stdout)["store_id"]
+    agent = parley(
+        "store",
+        "add-agent",
+        "--store",
+        str(store_id),
+        "--name",
+        "ann@example.com",
+        "--json",
+        "--mongo-url",
+        mongo_url,
+    )
+    assert agent.returncode == 0, agent.stderr
+    seller_id = json.loads(agent.stdout)["seller_id"]
+    again = parley(
+        "store", "create", "--app", str(app["appid"]), "--name", "x", "--mongo-url", mongo_url
+    )
+    assert again.returncode == 1 and "already has a store" in again.stderr
+    missing = parley("store", "create", "--app", "999", "--name", "x", "--mongo-url", mongo_url)
+    assert missing.returncode == 1 and "no app 999" in missing.stderr
+    registered = subprocess.run(
+        [
+            "curl",
+            "-s",
+            "-d",
+            json.dumps({"appid": app["appid"], "customer_id": "c1"}),
+            f"{base}/auth/customer",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    visitor = json.loads(registered.stdout)["data"]
+    assert visitor["store_id"] == store_id
+    chosen = subprocess.run(
+        [
+            "curl",
+            "-s",
+            "-H",
+            f"Authorization: Bearer {visitor['token']}",
+            f"{base}/supporters?store_id={store_id}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(chosen.stdout)["data"]["seller_id"] == seller_id
+
 
 def test_second_start_reuses_the_data(tmp_path: Path) -> None:
     http, mongo = free_port(), free_port()

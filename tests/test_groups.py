@@ -563,6 +563,20 @@ async def test_client_leave_and_remove_rules(stack: Stack) -> None:
     assert status == 200
 
 
+async def test_admin_actions_stay_server_only(stack: Stack) -> None:
+    """Banning from speaking and upgrading have no client route (spec §6)."""
+    app = await stack.new_app()
+    alice = await stack.client(app, 1)
+    gid = await client_create(stack, alice, {"master": 1, "name": "g", "members": []})
+    status, reply, _ = await stack.request("POST", f"/client/groups/{gid}/upgrade", headers=alice)
+    assert (status, reply) == (404, {"meta": {"code": 404}})
+    status, reply, _ = await stack.request(
+        "PATCH", f"/client/groups/{gid}/members/1", json={"mute": True}, headers=alice
+    )
+    assert (status, reply) == (400, {"meta": {"code": 400, "message": "no action"}})
+    assert (await group_doc(stack, gid) or {})["super"] is False
+
+
 async def test_client_member_settings_rules(stack: Stack) -> None:
     app = await stack.new_app()
     alice, bob, carol = [await stack.client(app, uid) for uid in (1, 2, 3)]
