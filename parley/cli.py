@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from parley.allinone import SERVICE_FACTORIES, create_allinone_app
+from parley.deploy import render_compose_nginx, render_k8s
 from parley.servers import ServerError, start_ferretdb
 from services.auth.domain import AuthDomain
 from services.auth.repository import INDEXES as AUTH_INDEXES
@@ -165,6 +166,25 @@ def cmd_gateway_config(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- parley deploy-config -----------------------------------------------------------------
+
+
+def cmd_deploy_config(args: argparse.Namespace) -> int:
+    if args.format == "compose-nginx":
+        sys.stdout.write(render_compose_nginx())
+        return 0
+    files = render_k8s()
+    if args.out is None:
+        sys.stdout.write("---\n".join(files.values()))
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (out / name).write_text(text)
+        print(out / name)
+    return 0
+
+
 # ---- parley app ---------------------------------------------------------------------------
 
 
@@ -279,6 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--host", default=None, help="Ingress host name")
     gateway.add_argument("--namespace", default="parley", help="Ingress namespace")
     gateway.set_defaults(func=cmd_gateway_config)
+
+    deploy = sub.add_parser(
+        "deploy-config", help="render the Kubernetes manifests or docker-compose's edge config"
+    )
+    deploy.add_argument("--format", choices=("k8s", "compose-nginx"), required=True)
+    deploy.add_argument("--out", default=None, help="k8s: write the files into this directory")
+    deploy.set_defaults(func=cmd_deploy_config)
 
     app = sub.add_parser("app", help="manage apps")
     app_sub = app.add_subparsers(dest="action", required=True)

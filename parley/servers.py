@@ -45,22 +45,27 @@ def port_open(host: str, port: int) -> bool:
 def find_ferretdb(build: bool = True) -> Path:
     """The FerretDB binary: ``$PARLEY_FERRETDB_BIN``, the PATH, ``.parley/bin``, or built now
     from ``tools/ferretdb`` with Go (a few seconds once the module cache is warm)."""
-    configured = os.environ.get("PARLEY_FERRETDB_BIN")
+    return go_tool(FERRETDB_NAME, FERRETDB_SOURCE, os.environ.get("PARLEY_FERRETDB_BIN"), build)
+
+
+def go_tool(name: str, source: Path, configured: str | None = None, build: bool = True) -> Path:
+    """A helper binary of Parley's written in Go (``tools/``): the configured path, the PATH,
+    ``.parley/bin``, or built there now."""
     if configured:
         return Path(configured)
-    on_path = shutil.which(FERRETDB_NAME)
+    on_path = shutil.which(name)
     if on_path:
         return Path(on_path)
-    local = LOCAL_BIN / FERRETDB_NAME
+    local = LOCAL_BIN / name
     if local.exists():
         return local
     if not build:
-        raise ServerError(f"{FERRETDB_NAME} not found; run scripts/setup")
+        raise ServerError(f"{name} not found; run scripts/setup")
     go = shutil.which("go") or "/usr/local/go/bin/go"
     if not Path(go).exists():
-        raise ServerError(f"{FERRETDB_NAME} not found and Go is not installed to build it")
+        raise ServerError(f"{name} not found and Go is not installed to build it")
     LOCAL_BIN.mkdir(parents=True, exist_ok=True)
-    subprocess.run([go, "build", "-o", str(local), "."], cwd=FERRETDB_SOURCE, check=True)
+    subprocess.run([go, "build", "-o", str(local), "."], cwd=source, check=True)
     return local
 
 

@@ -69,6 +69,10 @@ def render_nginx(upstreams: Mapping[str, list[str]], listen: str = "0.0.0.0:8080
             f'    location ~ "{route.regex}" {{ proxy_pass http://parley_{route.service}; }}'
         )
     lines += [
+        "    location = /healthz {",
+        "      default_type application/json;",
+        '      return 200 \'{"status":"ok"}\';',
+        "    }",
         "    location / {",
         "      default_type application/json;",
         "      add_header X-Request-ID $parley_request_id always;",

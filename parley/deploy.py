@@ -1,0 +1,216 @@
+"""Deployment manifests rendered from one description of the services: the Kubernetes
+manifests in ``k8s/`` and the nginx configuration docker-compose mounts at the edge
+(``deploy/nginx.conf``). Tests keep the committed files equal to these renders and validate
+them (Kubernetes schemas offline, the Compose specification's loader, ``nginx -t``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from shared.gateway import render_ingress, render_nginx
+from shared.routing import SERVICES
+
+NAMESPACE = "parley"
+IMAGE = "parley:latest"
+PORT = 8080
+LABEL = "app.kubernetes.io/name"
+PART_OF = {"app.kubernetes.io/part-of": "parley"}
+
+# Requests sized for the measurements in BENCHMARKS.md; limits leave room for bursts.
+RESOURCES = {
+    "requests": {"cpu": "250m", "memory": "192Mi"},
+    "limits": {"cpu": "1", "memory": "512Mi"},
+}
+REPLICAS = {"auth": 2, "groups": 2, "messages": 2, "customer": 2}
+MAX_REPLICAS = {"auth": 10, "groups": 10, "messages": 20, "customer": 6}
+
+
+def _meta(name: str, **labels: str) -> dict[str, Any]:
+    return {"name": name, "namespace": NAMESPACE, "labels": {**PART_OF, **labels}}
+
+
+def _config_map() -> dict[str, Any]:
+    urls = {
+        "PARLEY_AUTH_URL": f"http://parley-auth:{PORT}",
+        "PARLEY_GROUPS_URL": f"http://parley-groups:{PORT}",
+        "PARLEY_CUSTOMER_URL": f"http://parley-customer:{PORT}",
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta("parley-config"),
+        "data": {
+            "PARLEY_HTTP_ADDR": f"0.0.0.0:{PORT}",
+            "PARLEY_MONGO_DB": "parley",
+            "PARLEY_AMQP_EXCHANGE": "parley.events",
+            "PARLEY_LOG_JSON": "true",
+            "PARLEY_LOG_LEVEL": "info",
+            "PARLEY_CLIENT_IP_HEADER": "X-Real-IP",
+            **urls,
+        },
+    }
+
+
+def _secret() -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _meta("parley-secrets"),
+        "type": "Opaque",
+        # Replace before applying (or manage with your secret store): see README, "Kubernetes".
+        "stringData": {
+            "PARLEY_MONGO_URL": "mongodb://parley:CHANGE-ME@mongodb:27017/?authSource=admin",
+            "PARLEY_AMQP_URL": "amqp://parley:CHANGE-ME@rabbitmq:5672/",
+            "PARLEY_INTERNAL_SECRET": "CHANGE-ME",
+        },
+    }
+
+
+def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": "http"},
+        "periodSeconds": period,
+        "timeoutSeconds": 2,
+        "failureThreshold": failures,
+    }
+
+
+def _deployment(service: str) -> dict[str, Any]:
+    name = f"parley-{service}"
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(name, **{LABEL: name}),
+        "spec": {
+            "replicas": REPLICAS[service],
+            "selector": {"matchLabels": {LABEL: name}},
+            "template": {
+                "metadata": {"labels": {**PART_OF, LABEL: name}},
+                "spec": {
+                    "securityContext": {"runAsNonRoot": True, "runAsUser": 10001},
+                    # Long enough for a SIGTERM to drain requests and hand back queued events.
+                    "terminationGracePeriodSeconds": 30,
+                    "containers": [
+                        {
+                            "name": service,
+                            "image": IMAGE,
+                            "args": ["serve", service],
+                            "ports": [{"name": "http", "containerPort": PORT}],
+                            "envFrom": [
+                                {"configMapRef": {"name": "parley-config"}},
+                                {"secretRef": {"name": "parley-secrets"}},
+                            ],
+                            "readinessProbe": _probe("/healthz", 5, 3),
+                            "livenessProbe": _probe("/healthz", 10, 6),
+                            "resources": RESOURCES,
+                            "securityContext": {
+                                "allowPrivilegeEscalation": False,
+                                "readOnlyRootFilesystem": True,
+                            },
+                        }
+                    ],
+                },
+            },
+        },
+    }
+
+
+def _service(service: str) -> dict[str, Any]:
+    name = f"parley-{service}"
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(name, **{LABEL: name}),
+        "spec": {
+            "selector": {LABEL: name},
+            "ports": [{"name": "http", "port": PORT, "targetPort": "http"}],
+        },
+    }
+
+
+def _hpa(service: str) -> dict[str, Any]:
+    name = f"parley-{service}"
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": _meta(name),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+            "minReplicas": REPLICAS[service],
+            "maxReplicas": MAX_REPLICAS[service],
+            "metrics": [
+                {
+                    "type": "Resource",
+                    "resource": {
+                        "name": "cpu",
+                        "target": {"type": "Utilization", "averageUtilization": 70},
+                    },
+                }
+            ],
+        },
+    }
+
+
+def _network_policies() -> list[dict[str, Any]]:
+    """Parley's pods accept traffic only from the ingress controller and from each other;
+    their egress is left open (MongoDB and RabbitMQ may live anywhere)."""
+    pods = {"matchLabels": PART_OF}
+    return [
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": _meta("parley-default-deny-ingress"),
+            "spec": {"podSelector": pods, "policyTypes": ["Ingress"]},
+        },
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": _meta("parley-from-ingress-and-peers"),
+            "spec": {
+                "podSelector": pods,
+                "policyTypes": ["Ingress"],
+                "ingress": [
+                    {
+                        "from": [
+                            {
+                                "namespaceSelector": {
+                                    "matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}
+                                }
+                            },
+                            {"podSelector": pods},
+                        ],
+                        "ports": [{"protocol": "TCP", "port": PORT}],
+                    }
+                ],
+            },
+        },
+    ]
+
+
+def render_k8s() -> dict[str, str]:
+    """File name -> contents of every manifest in ``k8s/``."""
+    header = "# Generated by `parley deploy-config --format k8s`; edit parley/deploy.py instead.\n"
+
+    def dump(*documents: dict[str, Any]) -> str:
+        return header + yaml.safe_dump_all(documents, sort_keys=False)
+
+    namespace = {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": NAMESPACE, "labels": PART_OF},
+    }
+    return {
+        "namespace.yaml": dump(namespace),
+        "config.yaml": dump(_config_map(), _secret()),
+        "services.yaml": dump(*(d for s in SERVICES for d in (_deployment(s), _service(s)))),
+        "autoscaling.yaml": dump(*(_hpa(s) for s in SERVICES)),
+        "network-policies.yaml": dump(*_network_policies()),
+        "ingress.yaml": render_ingress(namespace=NAMESPACE, port=PORT),
+    }
+
+
+def render_compose_nginx() -> str:
+    """The edge configuration docker-compose mounts: every service by its compose name."""
+    return render_nginx({s: [f"{s}:{PORT}"] for s in SERVICES}, listen=f"0.0.0.0:{PORT}")
