@@ -214,3 +214,38 @@ def render_k8s() -> dict[str, str]:
 def render_compose_nginx() -> str:
     """The edge configuration docker-compose mounts: every service by its compose name."""
     return render_nginx({s: [f"{s}:{PORT}"] for s in SERVICES}, listen=f"0.0.0.0:{PORT}")
+
+
+def render_service_balancer(upstreams: dict[str, list[str]], listens: dict[str, str]) -> str:
+    """An nginx configuration that gives each service one address in front of its replicas
+    (what a Kubernetes Service or Compose's DNS does), for service-to-service calls when
+    replicas run as plain processes on one machine, as in the tests. Every path is passed,
+    internal APIs included; it must never be exposed as the edge."""
+    lines = [
+        "# Service addresses for replicas run as processes (internal traffic only).",
+        "worker_processes 1;",
+        "pid nginx.pid;",
+        "error_log stderr warn;",
+        "events { worker_connections 1024; }",
+        "http {",
+        "  access_log off;",
+        "  client_body_temp_path client_body_temp;",
+        "  proxy_temp_path proxy_temp;",
+        "  fastcgi_temp_path fastcgi_temp;",
+        "  uwsgi_temp_path uwsgi_temp;",
+        "  scgi_temp_path scgi_temp;",
+    ]
+    for service, addrs in upstreams.items():
+        lines.append(f"  upstream internal_{service} {{")
+        lines += [f"    server {addr} max_fails=1 fail_timeout=2s;" for addr in addrs]
+        lines += ["    keepalive 16;", "  }"]
+        lines += [
+            "  server {",
+            f"    listen {listens[service]};",
+            "    proxy_http_version 1.1;",
+            '    proxy_set_header Connection "";',
+            "    proxy_next_upstream error timeout;",
+            f"    location / {{ proxy_pass http://internal_{service}; }}",
+            "  }",
+        ]
+    return "\n".join([*lines, "}", ""])

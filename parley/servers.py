@@ -195,9 +195,18 @@ def start_rabbitmq(base_dir: Path, port: int, *, timeout: float = 90.0) -> Proce
     process = _spawn("rabbitmq", [str(RABBITMQ_SERVER)], base_dir / "rabbitmq.out", env=env)
     process.extra["url"] = f"amqp://guest:guest@127.0.0.1:{port}/"
     process.extra["node"] = node
+    process.extra["base_dir"] = str(base_dir)
+    process.extra["port"] = str(port)
 
     _wait(process, lambda: amqp_probe("127.0.0.1", port), timeout, "RabbitMQ")
     return process
+
+
+def restart_rabbitmq(process: Process) -> Process:
+    """Stop the node and start it again on the same port and files (its durable queues and
+    persistent messages survive)."""
+    process.stop()
+    return start_rabbitmq(Path(process.extra["base_dir"]), int(process.extra["port"]))
 
 
 def amqp_probe(host: str, port: int) -> bool:

@@ -30,6 +30,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from parley.allinone import create_allinone_app
+from parley.deploy import render_service_balancer
 from parley.servers import (
     Process,
     free_port,
@@ -271,15 +272,17 @@ async def distributed_stack(
     ports = {
         service: [free_port() for _ in range(replicas.get(service, 1))] for service in SERVICES
     }
+    # Services reach each other through one address per service, as on Kubernetes.
+    internal = {service: free_port() for service in SERVICES}
     edge_port = free_port()
     env = {
         "PARLEY_MONGO_URL": settings.mongo_url,
         "PARLEY_MONGO_DB": settings.mongo_db,
         "PARLEY_AMQP_URL": settings.amqp_url or "",
         "PARLEY_AMQP_EXCHANGE": settings.amqp_exchange,
-        "PARLEY_AUTH_URL": f"http://127.0.0.1:{ports['auth'][0]}",
-        "PARLEY_GROUPS_URL": f"http://127.0.0.1:{ports['groups'][0]}",
-        "PARLEY_CUSTOMER_URL": f"http://127.0.0.1:{ports['customer'][0]}",
+        "PARLEY_AUTH_URL": f"http://127.0.0.1:{internal['auth']}",
+        "PARLEY_GROUPS_URL": f"http://127.0.0.1:{internal['groups']}",
+        "PARLEY_CUSTOMER_URL": f"http://127.0.0.1:{internal['customer']}",
         "PARLEY_INTERNAL_SECRET": "test-internal-secret",
         "PARLEY_OUTBOX_RELAY_INTERVAL": str(settings.outbox_relay_interval),
         "PARLEY_OUTBOX_GRACE": str(settings.outbox_grace),
@@ -288,11 +291,20 @@ async def distributed_stack(
     }
     logs = workdir / unique("distributed-")
     processes: list[Process] = []
+    upstreams = {s: [f"127.0.0.1:{p}" for p in ports[s]] for s in SERVICES}
     try:
+        processes.append(
+            start_nginx(
+                render_service_balancer(
+                    upstreams, {s: f"127.0.0.1:{p}" for s, p in internal.items()}
+                ),
+                logs / "nginx-internal",
+                internal["messages"],
+            )
+        )
         for service in SERVICES:
             for n, port in enumerate(ports[service]):
                 processes.append(start_service(service, port, env, logs / f"{service}-{n}.log"))
-        upstreams = {s: [f"127.0.0.1:{p}" for p in ports[s]] for s in SERVICES}
         processes.append(
             start_nginx(
                 render_nginx(upstreams, listen=f"127.0.0.1:{edge_port}"), logs / "nginx", edge_port
