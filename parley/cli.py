@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -166,6 +167,94 @@ def cmd_gateway_config(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- parley cluster and parley bench ------------------------------------------------------
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    """Distributed Parley on this machine: its own FerretDB and RabbitMQ unless given."""
+    from parley.cluster import start_cluster
+    from parley.servers import free_port, start_rabbitmq
+
+    data = Path(args.data).resolve()
+    started = []
+    try:
+        mongo_url = args.mongo_url
+        if mongo_url is None:
+            started.append(start_ferretdb(data / "mongo", args.embedded_mongo_addr))
+            mongo_url = f"mongodb://{args.embedded_mongo_addr}/"
+        amqp_url = args.amqp_url
+        if amqp_url is None:
+            broker = start_rabbitmq(data / "rabbitmq", free_port())
+            started.append(broker)
+            amqp_url = broker.extra["url"]
+        settings = _settings(args, mongo_url=mongo_url, amqp_url=amqp_url)
+        replicas = dict.fromkeys(SERVICES, args.replicas)
+        cluster = start_cluster(settings, data / "logs", replicas, edge_addr=settings.http_addr)
+    except ServerError as exc:
+        for process in reversed(started):
+            process.stop()
+        print(f"parley cluster: {exc}", file=sys.stderr)
+        return 1
+    asyncio.run(_print_welcome(settings))
+    print(f"RabbitMQ: {amqp_url} (exchange {settings.amqp_exchange})")
+    print(f"{args.replicas} replica(s) of each service; logs in {data / 'logs'}. Ctrl-C stops.")
+    sys.stdout.flush()
+    try:
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cluster.stop()
+        for process in reversed(started):
+            process.stop()
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from parley.bench import FAMILIES, Bench, table
+
+    settings = _settings(args)
+    configure_logging(level="warning")
+    families = [f for f in args.families.split(",") if f]
+    unknown = set(families) - set(FAMILIES)
+    if unknown:
+        print(f"parley bench: unknown families {sorted(unknown)}", file=sys.stderr)
+        return 2
+    if args.appid is None:
+        app = asyncio.run(_with_auth(settings, "create", "bench"))
+        appid, secret = app.appid, app.secret
+    else:
+        appid, secret = args.appid, args.secret or ""
+    bench = Bench(
+        args.url,
+        appid,
+        secret,
+        concurrency=args.concurrency,
+        duration=args.duration,
+        amqp_url=args.amqp_url,
+        exchange=settings.amqp_exchange,
+        quiet=args.json,
+    )
+    results = asyncio.run(bench.run(families))
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "url": args.url,
+                    "concurrency": args.concurrency,
+                    "results": [r.as_dict() for r in results],
+                },
+                indent=2,
+            )
+        )
+    else:
+        header = f"{args.url}  concurrency {args.concurrency}  {args.duration:.0f}s per family" + (
+            "" if args.amqp_url else "  (event lag: pass --amqp-url)"
+        )
+        print(table(results, header))
+    return 0
+
+
 # ---- parley deploy-config -----------------------------------------------------------------
 
 
@@ -299,6 +388,31 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--host", default=None, help="Ingress host name")
     gateway.add_argument("--namespace", default="parley", help="Ingress namespace")
     gateway.set_defaults(func=cmd_gateway_config)
+
+    cluster = sub.add_parser(
+        "cluster", help="distributed Parley on this machine (a process per service, nginx)"
+    )
+    cluster.add_argument("--http-addr", default=None, help="the edge (127.0.0.1:8080)")
+    cluster.add_argument("--data", default="./parley-cluster", help="data and logs directory")
+    cluster.add_argument("--replicas", type=int, default=1, help="replicas of each service")
+    cluster.add_argument("--mongo-url", default=None, help="use this MongoDB, not FerretDB")
+    cluster.add_argument("--amqp-url", default=None, help="use this RabbitMQ, not its own")
+    cluster.add_argument("--embedded-mongo-addr", default=EMBEDDED_MONGO_ADDR)
+    cluster.set_defaults(func=cmd_cluster)
+
+    bench = sub.add_parser("bench", help="load through the edge; requests/s, latency, event lag")
+    bench.add_argument("--url", default="http://127.0.0.1:8080", help="Parley's base URL")
+    bench.add_argument("--mongo-url", default=None, help="where to create the bench app")
+    bench.add_argument("--appid", type=int, default=None, help="use this app instead")
+    bench.add_argument("--secret", default=None, help="its secret")
+    bench.add_argument("--amqp-url", default=None, help="RabbitMQ, to measure event lag")
+    bench.add_argument("--duration", type=float, default=10.0, help="seconds per family")
+    bench.add_argument("--concurrency", type=int, default=32)
+    bench.add_argument(
+        "--families", default=",".join(("grant", "groups", "peer", "group", "history"))
+    )
+    bench.add_argument("--json", action="store_true")
+    bench.set_defaults(func=cmd_bench)
 
     deploy = sub.add_parser(
         "deploy-config", help="render the Kubernetes manifests or docker-compose's edge config"

@@ -30,24 +30,20 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from parley.allinone import create_allinone_app
-from parley.deploy import render_service_balancer
+from parley.cluster import start_cluster
 from parley.servers import (
     Process,
     free_port,
     start_ferretdb,
-    start_nginx,
     start_rabbitmq,
-    start_service,
 )
 from services.auth.domain import AppCredentials, AuthDomain
 from services.auth.repository import INDEXES as AUTH_INDEXES
 from services.auth.repository import AuthRepository
 from shared.bus import Bus, LocalBus, RabbitBus, topic_matches
 from shared.events import Event
-from shared.gateway import render_nginx
 from shared.logs import configure_logging
 from shared.mongo import Database, ensure_indexes, make_client
-from shared.routing import SERVICES
 from shared.settings import Settings
 from shared.web import Deps
 
@@ -268,64 +264,22 @@ async def distributed_stack(
 ) -> AsyncIterator[Stack]:
     """Every service as its own ``parley serve`` process (``replicas`` of each, default one)
     behind nginx rendered from the routing table; events through RabbitMQ."""
-    replicas = replicas or {}
-    ports = {
-        service: [free_port() for _ in range(replicas.get(service, 1))] for service in SERVICES
-    }
-    # Services reach each other through one address per service, as on Kubernetes.
-    internal = {service: free_port() for service in SERVICES}
-    edge_port = free_port()
-    env = {
-        "PARLEY_MONGO_URL": settings.mongo_url,
-        "PARLEY_MONGO_DB": settings.mongo_db,
-        "PARLEY_AMQP_URL": settings.amqp_url or "",
-        "PARLEY_AMQP_EXCHANGE": settings.amqp_exchange,
-        "PARLEY_AUTH_URL": f"http://127.0.0.1:{internal['auth']}",
-        "PARLEY_GROUPS_URL": f"http://127.0.0.1:{internal['groups']}",
-        "PARLEY_CUSTOMER_URL": f"http://127.0.0.1:{internal['customer']}",
-        "PARLEY_INTERNAL_SECRET": "test-internal-secret",
-        "PARLEY_OUTBOX_RELAY_INTERVAL": str(settings.outbox_relay_interval),
-        "PARLEY_OUTBOX_GRACE": str(settings.outbox_grace),
-        "PARLEY_KEFU_APPID": str(settings.kefu_appid),
-        "PARLEY_LOG_LEVEL": "warning",
-    }
-    logs = workdir / unique("distributed-")
-    processes: list[Process] = []
-    upstreams = {s: [f"127.0.0.1:{p}" for p in ports[s]] for s in SERVICES}
+    settings = settings.model_copy(update={"internal_secret": "test-internal-secret"})
+    cluster = start_cluster(settings, workdir / unique("distributed-"), replicas)
     try:
-        processes.append(
-            start_nginx(
-                render_service_balancer(
-                    upstreams, {s: f"127.0.0.1:{p}" for s, p in internal.items()}
-                ),
-                logs / "nginx-internal",
-                internal["messages"],
-            )
-        )
-        for service in SERVICES:
-            for n, port in enumerate(ports[service]):
-                processes.append(start_service(service, port, env, logs / f"{service}-{n}.log"))
-        processes.append(
-            start_nginx(
-                render_nginx(upstreams, listen=f"127.0.0.1:{edge_port}"), logs / "nginx", edge_port
-            )
-        )
         bus = RabbitBus(settings.amqp_url or "", exchange=settings.amqp_exchange)
         await bus.start()
         client, db = await _prepared_db(settings.mongo_url, settings.mongo_db)
         try:
             async with aiohttp.ClientSession() as http:
-                stack = Stack(
-                    "distributed", f"http://127.0.0.1:{edge_port}", db, bus, settings, http
-                )
-                stack.processes = processes
+                stack = Stack("distributed", cluster.edge_url, db, bus, settings, http)
+                stack.processes = cluster.processes
                 yield stack
         finally:
             await bus.close()
             await client.close()
     finally:
-        for process in reversed(processes):
-            process.stop()
+        cluster.stop()
 
 
 MODES = ["local", "rabbit", "distributed"]
