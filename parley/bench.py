@@ -87,8 +87,8 @@ class Bench:
         self.amqp_url = amqp_url
         self.exchange = exchange
         self.quiet = quiet
-        self.sent: dict[str, float] = {}  # event marker -> time its request got its 200
-        self.lags: dict[str, list[float]] = {}
+        self.sent: dict[str, float] = {}  # event marker -> when its request got its 200
+        self.received: dict[str, float] = {}  # event marker -> when its event arrived
         self.http: aiohttp.ClientSession
 
     # ---- plumbing ----
@@ -107,8 +107,17 @@ class Bench:
             marker = event.content
         elif isinstance(event, TokenGranted):
             marker = f"grant:{event.uid}:{event.user_name}"
-        if marker and marker in self.sent:
-            self.lags.setdefault(marker.split(":", 1)[0], []).append(now - self.sent.pop(marker))
+        if marker:
+            self.received.setdefault(marker, now)
+
+    def lags(self, family: str) -> list[float]:
+        """200-to-receipt times of a family's events (an event that beat its 200 counts 0)."""
+        prefix = f"{family}:"
+        return [
+            max(0.0, self.received[marker] - sent)
+            for marker, sent in self.sent.items()
+            if marker.startswith(prefix) and marker in self.received
+        ]
 
     def progress(self, family: str, started: float, result: Result) -> None:
         if self.quiet:
@@ -219,9 +228,13 @@ class Bench:
                 results = [await self.family(name, state) for name in families]
                 await asyncio.sleep(2)  # late events
                 for result in results:
-                    key = {"grant": "grant", "peer": "peer", "group": "group"}.get(result.family)
-                    if key is not None:
-                        result.lags = self.lags.get(key, [])
+                    result.lags = self.lags(result.family)
+                    if self.amqp_url and result.family in ("grant", "peer", "group"):
+                        result.extra["events_missing"] = sum(
+                            1
+                            for m in self.sent
+                            if m.startswith(result.family + ":") and m not in self.received
+                        )
                 return results
             finally:
                 if subscription is not None:

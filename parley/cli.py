@@ -68,7 +68,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.mongo_url is None:
         data_dir = Path(args.data).resolve()
         try:
-            ferret = start_ferretdb(data_dir / "mongo", args.embedded_mongo_addr)
+            ferret = start_ferretdb(
+                data_dir / "mongo",
+                args.embedded_mongo_addr,
+                postgresql_url=args.ferretdb_postgresql_url,
+            )
         except ServerError as exc:
             print(f"parley: {exc}", file=sys.stderr)
             return 1
@@ -175,12 +179,19 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     from parley.cluster import start_cluster
     from parley.servers import free_port, start_rabbitmq
 
+    configure_logging(level="warning")
     data = Path(args.data).resolve()
     started = []
     try:
         mongo_url = args.mongo_url
         if mongo_url is None:
-            started.append(start_ferretdb(data / "mongo", args.embedded_mongo_addr))
+            started.append(
+                start_ferretdb(
+                    data / "mongo",
+                    args.embedded_mongo_addr,
+                    postgresql_url=args.ferretdb_postgresql_url,
+                )
+            )
             mongo_url = f"mongodb://{args.embedded_mongo_addr}/"
         amqp_url = args.amqp_url
         if amqp_url is None:
@@ -366,6 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=EMBEDDED_MONGO_ADDR,
         help=f"where the embedded FerretDB listens ({EMBEDDED_MONGO_ADDR})",
     )
+    run.add_argument(
+        "--ferretdb-postgresql-url",
+        default=None,
+        help="store the embedded FerretDB's data in this PostgreSQL database, not SQLite",
+    )
     run.set_defaults(func=cmd_run)
 
     serve = sub.add_parser("serve", help="run one service")
@@ -398,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--mongo-url", default=None, help="use this MongoDB, not FerretDB")
     cluster.add_argument("--amqp-url", default=None, help="use this RabbitMQ, not its own")
     cluster.add_argument("--embedded-mongo-addr", default=EMBEDDED_MONGO_ADDR)
+    cluster.add_argument("--ferretdb-postgresql-url", default=None)
     cluster.set_defaults(func=cmd_cluster)
 
     bench = sub.add_parser("bench", help="load through the edge; requests/s, latency, event lag")

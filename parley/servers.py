@@ -136,8 +136,11 @@ def _wait(process: Process, probe: object, timeout: float, what: str) -> None:
     )
 
 
-def start_ferretdb(data_dir: Path, addr: str, *, timeout: float = 60.0) -> Process:
-    """FerretDB on SQLite files under ``data_dir``, listening on ``addr`` (HOST:PORT)."""
+def start_ferretdb(
+    data_dir: Path, addr: str, *, postgresql_url: str | None = None, timeout: float = 60.0
+) -> Process:
+    """FerretDB on SQLite files under ``data_dir`` (or on PostgreSQL at ``postgresql_url``),
+    listening on ``addr`` (HOST:PORT)."""
     host, _, port = addr.rpartition(":")
     if port_open(host, int(port)):
         raise ServerError(
@@ -146,11 +149,10 @@ def start_ferretdb(data_dir: Path, addr: str, *, timeout: float = 60.0) -> Proce
         )
     binary = find_ferretdb()
     data_dir.mkdir(parents=True, exist_ok=True)
-    process = _spawn(
-        "ferretdb",
-        [str(binary), "--listen-addr", addr, "--sqlite-url", f"file:{data_dir}/"],
-        data_dir / "ferretdb.log",
-    )
+    argv = [str(binary), "--listen-addr", addr, "--sqlite-url", f"file:{data_dir}/"]
+    if postgresql_url:
+        argv += ["--postgresql-url", postgresql_url]
+    process = _spawn("ferretdb", argv, data_dir / "ferretdb.log")
 
     def ping() -> bool:
         client: MongoClient[dict[str, object]] = MongoClient(
