@@ -211,9 +211,8 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     print(f"{args.replicas} replica(s) of each service; logs in {data / 'logs'}. Ctrl-C stops.")
     sys.stdout.flush()
     try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
-    except KeyboardInterrupt:
-        pass
     finally:
         cluster.stop()
         for process in reversed(started):
