@@ -48,7 +48,22 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
     return Settings(**overrides)
 
 
+async def _dump_tasks_on_sigusr1(app: web.Application) -> None:
+    """``kill -USR1 <pid>`` prints every pending asyncio task's stack to stderr: what a
+    stalled process is waiting for."""
+
+    def dump() -> None:
+        tasks = asyncio.all_tasks()
+        print(f"--- {len(tasks)} asyncio tasks ---", file=sys.stderr)
+        for task in tasks:
+            task.print_stack(limit=12, file=sys.stderr)
+        sys.stderr.flush()
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, dump)
+
+
 def _run_app(app: web.Application, settings: Settings) -> None:
+    app.on_startup.append(_dump_tasks_on_sigusr1)
     host, port = split_addr(settings.http_addr)
     try:
         import uvloop

@@ -27,6 +27,7 @@ from shared.mongo import Collection, Document
 log = structlog.get_logger("parley.outbox")
 
 OUTBOX_INDEX = IndexModel([("outbox_n", 1)], name="outbox_pending")
+RELAY_BATCH = 1000
 
 
 def _entries(events: Sequence[Event], request_id: str) -> dict[str, Document]:
@@ -117,7 +118,14 @@ class OutboxRelay:
         cutoff = utcnow() - timedelta(seconds=self._grace if grace is None else grace)
         published = 0
         for collection in self._collections:
-            async for doc in collection.find({"outbox_n": {"$gt": 0}}, {"outbox": 1}):
+            # Read the batch first: a cursor held open across the publishes and updates below
+            # can starve a server's connection pool (FerretDB's SQLite backend stalls).
+            pending = (
+                await collection.find({"outbox_n": {"$gt": 0}}, {"outbox": 1})
+                .limit(RELAY_BATCH)
+                .to_list()
+            )
+            for doc in pending:
                 entries: dict[str, Document] = doc.get("outbox") or {}
                 for event_id, entry in sorted(entries.items(), key=lambda kv: kv[1]["at"]):
                     if entry["at"] > cutoff:

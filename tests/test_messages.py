@@ -360,3 +360,22 @@ async def test_disabled_apps_cannot_inject(local_stack: Stack) -> None:
             base + "/auth/grant", json={"uid": 1}, headers=app.server_auth
         ) as r:
             assert r.status == 200
+
+
+async def test_many_messages_to_a_large_group(local_stack: Stack) -> None:
+    """Past several counter refreshes for 120 inboxes at once (FerretDB once stalled on large
+    update batches there): every message is stored in every member's inbox, keys dense."""
+    stack = local_stack
+    app = await stack.new_app()
+    members = list(range(1, 121))
+    gid = await new_group(stack, app, members)
+    await stack.wait_inbox(app.appid, "u:120", 1)
+    for n in range(40):
+        status, _ = await send(
+            stack, app, "/messages/groups", {"sender": 1, "receiver": gid, "content": f"m{n}"}
+        )
+        assert status == 200
+    for uid in (1, 60, 120):
+        entries = await stack.inbox(app.appid, f"u:{uid}")
+        assert [e["key"] for e in entries] == list(range(1, 42))
+        assert [e["content"] for e in entries[1:]] == [f"m{n}" for n in range(40)]

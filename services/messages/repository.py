@@ -53,6 +53,7 @@ INDEXES: dict[str, list[IndexModel]] = {
 
 DUPLICATE_KEY = 11000
 COUNTER_STRIDE = 16
+UPDATE_BATCH = 50
 KEY_CACHE_SIZE = 100_000
 
 
@@ -148,18 +149,22 @@ class MessagesRepository:
             UpdateOne({"_id": f"{appid}:{owner}"}, {"$max": {"seq": key}}, upsert=True)
             for owner, key in keys.items()
         ]
-        for _ in range(3):
-            if not updates:
-                return
-            try:
-                await self.counters.bulk_write(updates, ordered=False)
-                return
-            except BulkWriteError as exc:
-                # Two first appends raced to create a counter: retry those (now updates).
-                errors = exc.details.get("writeErrors", [])
-                if any(e.get("code") != DUPLICATE_KEY for e in errors):
-                    raise
-                updates = [updates[e["index"]] for e in errors]
+        # In small batches: FerretDB 1.24 (SQLite) stops answering altogether when one
+        # update command carries 100 or more updates of existing documents.
+        for start in range(0, len(updates), UPDATE_BATCH):
+            batch = updates[start : start + UPDATE_BATCH]
+            for _ in range(3):
+                if not batch:
+                    break
+                try:
+                    await self.counters.bulk_write(batch, ordered=False)
+                    break
+                except BulkWriteError as exc:
+                    # Two first appends raced to create a counter: retry those (now updates).
+                    errors = exc.details.get("writeErrors", [])
+                    if any(e.get("code") != DUPLICATE_KEY for e in errors):
+                        raise
+                    batch = [batch[e["index"]] for e in errors]
 
     async def _append_after(
         self, appid: int, owner: str, key: int, msg_id: str, fields: Document
