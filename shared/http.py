@@ -53,6 +53,24 @@ def path_id(request: web.Request, name: str) -> int:
         raise web.HTTPNotFound() from exc
 
 
+def query_id(request: web.Request, name: str) -> int | None:
+    """An optional id in the query string (None when absent or empty); 400 when malformed."""
+    raw = request.query.get(name, "")
+    if raw == "":
+        return None
+    try:
+        return parse_id(raw)
+    except ValueError as exc:
+        raise InvalidParam() from exc
+
+
+def required_query_id(request: web.Request, name: str) -> int:
+    value = query_id(request, name)
+    if value is None:
+        raise InvalidParam()
+    return value
+
+
 def empty_ok() -> web.Response:
     """200 with an empty body: the shape of S2, S4 and the message endpoints (spec §1.3)."""
     return web.Response(status=200)

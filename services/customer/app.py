@@ -12,7 +12,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict
 
 from shared.auth import app_key_auth, client_auth
 from shared.errors import INVALID_APPID, REQUIRE_STORE_ID, InvalidParam, ParleyError
-from shared.http import data, parse_model, path_id, read_json
+from shared.http import data, parse_model, path_id, read_json, required_query_id
 from shared.ids import Id, Text, parse_id
 from shared.internal import HttpTokenIssuer, TokenIssuer
 from shared.jsonio import json_response
@@ -117,16 +117,9 @@ class PresenceRequest(BaseModel):
     status: Literal["online", "offline"]
 
 
-def _query_int(request: web.Request, name: str) -> int:
-    try:
-        return parse_id(request.query.get(name, ""))
-    except ValueError as exc:
-        raise InvalidParam() from exc
-
-
 async def internal_customer(request: web.Request) -> web.Response:
     require_internal(request)
-    appid = _query_int(request, "appid")
+    appid = required_query_id(request, "appid")
     customer_id = request.query.get("customer_id", "")
     directory = LocalCustomerDirectory(domain(request))
     client_id = await directory.client_id(appid, customer_id) if customer_id else None
@@ -138,7 +131,7 @@ async def internal_customer(request: web.Request) -> web.Response:
 async def internal_store_sellers(request: web.Request) -> web.Response:
     require_internal(request)
     store_id = path_id(request, "store_id")
-    appid = _query_int(request, "appid")
+    appid = required_query_id(request, "appid")
     sellers = await LocalCustomerDirectory(domain(request)).store_sellers(appid, store_id)
     if not sellers:
         raise web.HTTPNotFound()

@@ -22,7 +22,15 @@ from shared.errors import (
     ParleyError,
 )
 from shared.events import Event
-from shared.http import data, empty_ok, parse_model, path_id, read_json, success
+from shared.http import (
+    data,
+    empty_ok,
+    parse_model,
+    path_id,
+    read_json,
+    required_query_id,
+    success,
+)
 from shared.ids import Flag, Id, Text, parse_id
 from shared.jsonio import json_response
 from shared.logs import request_id_of
@@ -404,10 +412,7 @@ async def internal_get_group(request: web.Request) -> web.Response:
     """The group as it is now, for the messages service (404: none in that app)."""
     require_internal(request)
     gid = path_id(request, "gid")
-    try:
-        appid = parse_id(request.query.get("appid", ""))
-    except ValueError as exc:
-        raise InvalidParam() from exc
+    appid = required_query_id(request, "appid")
     doc = await domain(request).repo.get(appid, gid)
     if doc is None:
         raise web.HTTPNotFound()

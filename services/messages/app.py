@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict
 
 from shared.auth import client_auth, server_auth, server_or_client_auth
 from shared.errors import DISABLED_APPID, INVALID_UID, InvalidParam, ParleyError
-from shared.http import data, empty_ok, parse_model, read_json, read_model
-from shared.ids import Id, Text, parse_id
+from shared.http import data, empty_ok, parse_model, query_id, read_json, read_model
+from shared.ids import Id, Text
 from shared.internal import (
     CustomerDirectory,
     GroupDirectory,
@@ -155,19 +155,9 @@ async def post_room(request: web.Request) -> web.Response:
 # ---- S19, S20, X4 -------------------------------------------------------------------------
 
 
-def _query_id(request: web.Request, name: str) -> int | None:
-    raw = request.query.get(name, "")
-    if raw == "":
-        return None
-    try:
-        return parse_id(raw)
-    except ValueError as exc:
-        raise InvalidParam() from exc
-
-
 async def offline_count(request: web.Request) -> web.Response:
     appid, owner = await server_or_client_auth(request)
-    uid = _query_id(request, "uid")
+    uid = query_id(request, "uid")
     if owner is not None:
         uid = owner.uid  # a client reads only its own count
     elif not uid:
@@ -201,7 +191,7 @@ def render_entry(doc: Document) -> dict[str, Any]:
 
 async def history(request: web.Request) -> web.Response:
     owner = await client_auth(request)
-    store = _query_id(request, "store")
+    store = query_id(request, "store")
     entries = await domain(request).history(owner.appid, owner.uid)
     if store:
         # Only customer-service messages with an agent of that store (spec S20).
@@ -249,12 +239,12 @@ async def internal_inbox(request: web.Request) -> web.Response:
     """``GET /internal/inbox?appid&uid|gid&after&limit``: entries after a sync key, oldest
     first, never past a gap (what a delivery server answers SYNC with)."""
     require_internal(request)
-    appid = _query_id(request, "appid")
-    uid, gid = _query_id(request, "uid"), _query_id(request, "gid")
+    appid = query_id(request, "appid")
+    uid, gid = query_id(request, "uid"), query_id(request, "gid")
     if appid is None or (uid is None) == (gid is None):
         raise InvalidParam()
-    after = _query_id(request, "after") or 0
-    limit = min(_query_id(request, "limit") or 1000, 3000)
+    after = query_id(request, "after") or 0
+    limit = min(query_id(request, "limit") or 1000, 3000)
     owner = user_inbox(uid) if uid is not None else f"g:{gid}"
     docs = await domain(request).repo.page(appid, owner, after, limit)
     return data([render_entry(d) for d in docs])
