@@ -23,6 +23,7 @@ from pymongo import IndexModel
 from shared.bus import Bus
 from shared.events import Event, utcnow
 from shared.mongo import Collection, Document
+from shared.revlog import RevLog
 
 log = structlog.get_logger("parley.outbox")
 
@@ -102,12 +103,20 @@ async def deliver(
 
 
 class OutboxRelay:
-    """Republishes outbox entries older than ``grace`` seconds, every ``interval`` seconds."""
+    """Republishes outbox entries older than ``grace`` seconds, every ``interval`` seconds,
+    and settles the pending revisions of the given logs (``shared/revlog.py``)."""
 
     def __init__(
-        self, collections: Sequence[Collection], bus: Bus, *, interval: float, grace: float
+        self,
+        collections: Sequence[Collection],
+        bus: Bus,
+        *,
+        interval: float,
+        grace: float,
+        revlogs: Sequence[RevLog] = (),
     ) -> None:
         self._collections = list(collections)
+        self._revlogs = list(revlogs)
         self._bus = bus
         self._interval = interval
         self._grace = grace
@@ -132,6 +141,10 @@ class OutboxRelay:
                         continue
                     if await _publish_entry(collection, doc["_id"], event_id, entry, self._bus):
                         published += 1
+        for revlog in self._revlogs:
+            published += await revlog.settle_pending(
+                self._bus, self._grace if grace is None else grace
+            )
         if published:
             log.info("outbox relay republished events", count=published)
         return published

@@ -31,6 +31,7 @@ from shared.jsonio import json_response
 from shared.logs import request_context_middleware
 from shared.mongo import Collection, Database, ensure_indexes, make_client
 from shared.outbox import OutboxRelay
+from shared.revlog import RevLog
 from shared.routing import ROUTES, routes_for
 from shared.settings import Settings
 
@@ -193,8 +194,12 @@ def verifier_ctx(deps: Deps) -> CleanupCtx:
     return ctx
 
 
-def outbox_ctx(collections: Callable[[Database], Sequence[Collection]]) -> CleanupCtx:
-    """Runs the outbox relay over the service's collections that carry outboxes."""
+def outbox_ctx(
+    collections: Callable[[Database], Sequence[Collection]],
+    revlogs: Callable[[web.Application], Sequence[RevLog]] = lambda app: (),
+) -> CleanupCtx:
+    """Runs the outbox relay over the service's collections that carry outboxes and its
+    revision logs."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         settings = app[SETTINGS]
@@ -203,6 +208,7 @@ def outbox_ctx(collections: Callable[[Database], Sequence[Collection]]) -> Clean
             app[BUS],
             interval=settings.outbox_relay_interval,
             grace=settings.outbox_grace,
+            revlogs=revlogs(app),
         )
         app[RELAY] = relay
         relay.start()

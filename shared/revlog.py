@@ -1,0 +1,306 @@
+"""Entities whose every change is one insert: an append-only log of revisions per entity.
+
+Why: the local store (FerretDB 1.24) has no atomic update. It applies ``$set``, ``$push`` or a
+compare-and-set filter by reading the document and writing it back, so concurrent changes of one
+document are lost while each is acknowledged. Inserting a document with a unique ``_id`` is
+atomic on every store, and a lookup by a string ``_id`` is the one query it answers without
+reading the whole collection. So an entity (a group, a user's settings, ...) is kept as:
+
+* ``<prefix>_revs``: ``{_id: "<key>:<rev>", d: <delta>, ev: [<events>], at}``, revisions 1, 2, 3
+  ... claimed by insert. Whoever inserts revision n+1 has changed the state as of revision n:
+  a compare-and-set without an atomic update. A loser re-reads and recomputes.
+* ``<prefix>_heads``: ``{_id: "<key>", rev, s: <state at rev>}``, a snapshot rewritten every
+  ``snapshot_every`` revisions. It is only a starting point: readers walk forward from it (and
+  from what this process remembers) by ``_id`` until a revision is missing, so a stale or lost
+  head write costs reads, never correctness.
+* ``<prefix>_pending``: ``{_id: "<key>:<rev>", at}``, written *before* the revision it names:
+  the change's events ride in the revision document itself (one atomic write), and this pointer
+  lets a relay find revisions whose events may not be out yet without reading the log. After
+  the events are confirmed by the broker (and ``after_commit`` ran) the pointer is deleted.
+  A pointer whose revision never appeared is settled by inserting a tombstone revision under
+  that ``_id``: the late writer's insert then fails and it retries, so no change is ever
+  committed without its events being published.
+
+Deltas and states are plain documents; ``fold(state, delta)`` is the entity's pure function.
+State ``None`` means the entity does not exist (revision 0). Commands per change, when this
+process remembers the entity: the pointer insert and the revision insert (plus, after the
+answer, the pointer delete); a read that must be current costs one lookup of the next revision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+import structlog
+from pymongo import UpdateOne
+from pymongo.errors import BulkWriteError, DuplicateKeyError
+
+from shared.bus import Bus
+from shared.events import Event, utcnow
+from shared.mongo import Collection, Database, Document
+
+log = structlog.get_logger("parley.revlog")
+
+State = Document
+Fold = Callable[[State | None, Document], State | None]
+AfterCommit = Callable[["Revision"], Awaitable[None]]
+
+CACHE_SIZE = 50_000
+DUPLICATE_KEY = 11000
+# FerretDB 1.24 stops answering an update command of 100 or more updates of existing documents.
+HEAD_BATCH = 50
+MAX_ATTEMPTS = 50
+
+
+@dataclass(frozen=True)
+class Versioned:
+    """An entity's state as of revision ``rev`` (``state`` None: it does not exist)."""
+
+    key: str
+    rev: int
+    state: State | None
+
+
+@dataclass(frozen=True)
+class Revision:
+    """One committed revision: its delta and its events (encoded), as stored."""
+
+    key: str
+    rev: int
+    delta: Document
+    events: list[Document]
+    request_id: str = ""
+
+
+class Conflict(Exception):
+    """Too many concurrent writers of one entity: the caller answers 503, nothing written."""
+
+
+def encode_events(events: Sequence[Event]) -> list[Document]:
+    return [{"id": e.event_id, "rk": e.routing_key, "body": e.to_json().decode()} for e in events]
+
+
+class RevLog:
+    def __init__(
+        self,
+        db: Database,
+        prefix: str,
+        fold: Fold,
+        *,
+        snapshot_every: int = 16,
+        after_commit: AfterCommit | None = None,
+    ) -> None:
+        self.revs: Collection = db[f"{prefix}_revs"]
+        self.heads: Collection = db[f"{prefix}_heads"]
+        self.pending: Collection = db[f"{prefix}_pending"]
+        self.prefix = prefix
+        self._fold = fold
+        self._snapshot_every = snapshot_every
+        self._cache: OrderedDict[str, Versioned] = OrderedDict()
+        self.after_commit = after_commit
+
+    # ---- reading ----
+
+    def cached(self, key: str) -> Versioned | None:
+        return self._cache.get(key)
+
+    async def read(self, key: str) -> Versioned:
+        """The entity as of its latest committed revision."""
+        start = self._cache.get(key)
+        if start is None:
+            head = await self.heads.find_one({"_id": key})
+            start = (
+                Versioned(key, int(head["rev"]), head.get("s"))
+                if head is not None
+                else Versioned(key, 0, None)
+            )
+        return await self._forward(start)
+
+    async def _forward(self, current: Versioned) -> Versioned:
+        rev, state = current.rev, current.state
+        while True:
+            doc = await self.revs.find_one({"_id": f"{current.key}:{rev + 1}"})
+            if doc is None:
+                break
+            rev += 1
+            if not doc.get("tomb"):
+                state = self._fold(state, doc["d"])
+        result = Versioned(current.key, rev, state)
+        self._remember(result)
+        return result
+
+    def _remember(self, versioned: Versioned) -> None:
+        known = self._cache.get(versioned.key)
+        if known is not None and known.rev > versioned.rev:
+            return
+        self._cache[versioned.key] = versioned
+        self._cache.move_to_end(versioned.key)
+        while len(self._cache) > CACHE_SIZE:
+            self._cache.popitem(last=False)
+
+    # ---- changing ----
+
+    async def change(
+        self,
+        key: str,
+        compute: Callable[[Versioned], tuple[Document, Sequence[Event]] | None],
+        *,
+        bus: Bus | None,
+        request_id: str = "",
+        new: bool = False,
+    ) -> tuple[Versioned, Revision | None]:
+        """Apply ``compute(current) -> (delta, events)`` as the next revision, retrying against
+        the newer state when another writer got there first. ``compute`` may raise (a refused
+        change writes nothing) or return None (nothing to change). Publishes the events.
+        ``new``: the entity is expected not to exist, so it is not read first (if it does, the
+        insert of revision 1 fails and ``compute`` sees the real state)."""
+        current = self._cache.get(key)
+        if current is None:
+            current = Versioned(key, 0, None) if new else await self.read(key)
+        for _ in range(MAX_ATTEMPTS):
+            result = compute(current)
+            if result is None:
+                return current, None
+            delta, events = result
+            revision = Revision(key, current.rev + 1, delta, encode_events(events), request_id)
+            rev_id = f"{key}:{revision.rev}"
+            with contextlib.suppress(DuplicateKeyError):  # another writer's intent: shared
+                await self.pending.insert_one({"_id": rev_id, "at": utcnow()})
+            try:
+                await self.revs.insert_one(
+                    {
+                        "_id": rev_id,
+                        "d": delta,
+                        "ev": revision.events,
+                        "rid": request_id,
+                        "at": utcnow(),
+                    }
+                )
+            except DuplicateKeyError:
+                current = await self._forward(current)  # someone else's revision: recompute
+                continue
+            after = Versioned(key, revision.rev, self._fold(current.state, delta))
+            self._remember(after)
+            if revision.rev % self._snapshot_every == 0:
+                await self._write_heads([after])
+            await self.complete(revision, bus)
+            return after, revision
+        raise Conflict(key)
+
+    async def append_many(self, deltas: dict[str, Document]) -> None:
+        """Append one delta to each of many entities, unconditionally and without events (a
+        derived index whose deltas commute, e.g. set additions). One ``insert_many`` for all
+        of them; an entity another writer advanced meanwhile is retried after a re-read."""
+        todo = dict(deltas)
+        for _ in range(MAX_ATTEMPTS):
+            if not todo:
+                return
+            unknown = [key for key in todo if key not in self._cache]
+            if unknown:
+                await asyncio.gather(*(self.read(key) for key in unknown))
+            currents = {key: self._cache.get(key) or Versioned(key, 0, None) for key in todo}
+            keys = list(todo)
+            docs = [
+                {"_id": f"{key}:{currents[key].rev + 1}", "d": todo[key], "at": utcnow()}
+                for key in keys
+            ]
+            failed: set[int] = set()
+            try:
+                await self.revs.insert_many(docs, ordered=False)
+            except BulkWriteError as exc:
+                for error in exc.details.get("writeErrors", []):
+                    if error.get("code") != DUPLICATE_KEY:
+                        raise
+                    failed.add(int(error["index"]))
+            retry: dict[str, Document] = {}
+            heads: list[Versioned] = []
+            for index, key in enumerate(keys):
+                current = currents[key]
+                if index in failed:
+                    self._cache.pop(key, None)  # re-read from the store on the next round
+                    retry[key] = todo[key]
+                    continue
+                after = Versioned(key, current.rev + 1, self._fold(current.state, todo[key]))
+                self._remember(after)
+                if after.rev % self._snapshot_every == 0:
+                    heads.append(after)
+            await self._write_heads(heads)
+            todo = retry
+        raise Conflict(", ".join(sorted(todo)))
+
+    async def _write_heads(self, snapshots: Sequence[Versioned]) -> None:
+        """Rewrite head snapshots, in batches below the size that stalls the local store."""
+        updates = [
+            UpdateOne({"_id": v.key}, {"$set": {"rev": v.rev, "s": v.state}}, upsert=True)
+            for v in snapshots
+        ]
+        for start in range(0, len(updates), HEAD_BATCH):
+            # A concurrent first write of the same head: either snapshot will do.
+            with contextlib.suppress(BulkWriteError):
+                await self.heads.bulk_write(updates[start : start + HEAD_BATCH], ordered=False)
+
+    async def complete(self, revision: Revision, bus: Bus | None) -> bool:
+        """Run ``after_commit``, publish the revision's events, then drop its pending pointer.
+        Never raises for a broker failure: the pointer stays and the relay retries."""
+        if bus is None:
+            return False  # a management command: a running service's relay publishes them
+        try:
+            if self.after_commit is not None:
+                await self.after_commit(revision)
+            headers = {"request_id": revision.request_id} if revision.request_id else {}
+            for event in revision.events:
+                await bus.publish(
+                    event["rk"], event["body"].encode(), message_id=event["id"], headers=headers
+                )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning(
+                "publish after a change failed; the relay will retry",
+                revision=f"{revision.key}:{revision.rev}",
+                error=repr(exc),
+            )
+            return False
+        await self.pending.delete_one({"_id": f"{revision.key}:{revision.rev}"})
+        return True
+
+    # ---- the relay's pass ----
+
+    async def settle_pending(self, bus: Bus, grace: float) -> int:
+        """Finish every revision whose pointer is older than ``grace`` seconds: publish its
+        events, or tombstone a revision that never came. Reads only the pending pointers."""
+        cutoff = utcnow() - timedelta(seconds=grace)
+        settled = 0
+        for pointer in await self.pending.find({}).to_list():
+            if pointer["at"] > cutoff:
+                continue
+            rev_id = str(pointer["_id"])
+            key, _, rev = rev_id.rpartition(":")
+            doc = await self.revs.find_one({"_id": rev_id})
+            if doc is None:
+                try:
+                    await self.revs.insert_one({"_id": rev_id, "tomb": True, "at": utcnow()})
+                    await self.pending.delete_one({"_id": rev_id})
+                    settled += 1
+                    continue
+                except DuplicateKeyError:  # it was committed just now
+                    doc = await self.revs.find_one({"_id": rev_id})
+            if doc is None or doc.get("tomb"):
+                await self.pending.delete_one({"_id": rev_id})
+                continue
+            revision = Revision(key, int(rev), doc["d"], list(doc["ev"]), str(doc.get("rid", "")))
+            if await self.complete(revision, bus):
+                settled += 1
+        return settled
+
+
+def fold_all(fold: Fold, deltas: Sequence[Document], state: State | None = None) -> State | None:
+    """Apply ``deltas`` in order (a helper for tests and migrations)."""
+    for delta in deltas:
+        state = fold(state, delta)
+    return state
