@@ -124,20 +124,25 @@ class AppCreated(Event):
 # ---- groups -------------------------------------------------------------------------------
 
 
-class GroupEvent(Event):
-    """Every ``group.*`` event carries the group as it is after the change: its name, type, the
-    member uids (for ``group.disbanded``: the members just before) and a revision that grows
-    with each change, so a consumer can keep a view and ignore anything older."""
+class GroupChange(Event):
+    """Every ``group.*`` event names the group as it is after the change (its name and type)
+    and a revision that grows with each change, so a consumer can ignore anything older."""
 
     gid: int
     name: str
     super: bool
-    members: list[int]
     revision: int
 
     @property
     def timestamp(self) -> int:
         return int(self.occurred_at.timestamp())
+
+
+class GroupEvent(GroupChange):
+    """A group event that also lists the member uids after the change (for
+    ``group.disbanded``: the members just before)."""
+
+    members: list[int]
 
 
 class GroupCreated(GroupEvent):
@@ -185,6 +190,42 @@ class GroupMemberRemoved(GroupEvent):
     member_name: str | None = None
     avatar: str | None = None
     was_member: bool
+
+
+class AddedMember(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    member_id: int
+    member_name: str | None = None
+    avatar: str | None = None
+    joined: bool  # false: already a member (nothing stored changed; members are told again)
+
+
+class RemovedMember(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    member_id: int
+    member_name: str | None = None
+    avatar: str | None = None
+    was_member: bool
+
+
+class GroupMembersAdded(GroupChange):
+    """Version 2: one event per call, carrying the listed members only (version 1 carried the
+    whole member list once per listed member: O(n x members) bytes for one call)."""
+
+    routing_key: ClassVar[str] = "group.member.added"
+    version: Literal[2] = 2
+    added: list[AddedMember]
+    inviter: dict[str, Any] | None = None
+
+
+class GroupMembersRemoved(GroupChange):
+    """Version 2: one event per call, carrying the listed members only."""
+
+    routing_key: ClassVar[str] = "group.member.removed"
+    version: Literal[2] = 2
+    removed: list[RemovedMember]
 
 
 class GroupMemberMuted(GroupEvent):

@@ -10,14 +10,15 @@ from typing import Any
 
 import pytest
 
+from services.groups.repository import GroupsRepository
 from shared.events import (
     GroupCreated,
     GroupDisbanded,
-    GroupMemberAdded,
     GroupMemberDoNotDisturbChanged,
     GroupMemberMuted,
     GroupMemberNicknameChanged,
-    GroupMemberRemoved,
+    GroupMembersAdded,
+    GroupMembersRemoved,
     GroupNoticeChanged,
     GroupRenamed,
     GroupUpgraded,
@@ -38,8 +39,20 @@ async def create(stack: Stack, app: App, body: dict[str, Any]) -> int:
     return int(reply["data"]["group_id"])
 
 
-async def group_doc(stack: Stack, gid: int) -> dict[str, Any] | None:
-    return await stack.db["groups_groups"].find_one({"_id": gid, "deleted": False})
+async def group_doc(stack: Stack, appid: int, gid: int) -> dict[str, Any] | None:
+    """The live group as stored (read by a repository of its own, so nothing is cached)."""
+    group = await GroupsRepository(stack.db).get(appid, gid)
+    if group is None:
+        return None
+    return {
+        "master": group.master,
+        "name": group.name,
+        "notice": group.notice,
+        "super": group.super,
+        "revision": group.revision,
+        "member_uids": group.uids,
+        "members": {str(uid): m.model_dump(exclude={"uid"}) for uid, m in group.members.items()},
+    }
 
 
 def ops(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -83,7 +96,7 @@ async def test_create_group(stack: Stack) -> None:
     assert (event.gid, event.master, event.name, event.super) == (gid, 9, "team", False)
     assert event.members == [1, 2, 3]  # distinct, and the master is not added (server route)
     assert event.members_given == [1, {"uid": 2, "name": "bob", "avatar": "a.png"}, 3, 1]
-    doc = await group_doc(stack, gid)
+    doc = await group_doc(stack, app.appid, gid)
     assert doc is not None and doc["member_uids"] == [1, 2, 3] and doc["master"] == 9
     for uid in (1, 2, 3):
         (op,) = await notified(stack, app.appid, uid, 1)
@@ -148,7 +161,7 @@ async def test_group_routes_need_server_credentials(stack: Stack) -> None:
         for headers in ({}, bearer):  # a client token never acts with the server's powers
             status, reply, _ = await stack.request(method, path, json={}, headers=headers)
             assert (status, reply) == (400, {"meta": {"code": 400, "message": "非法的appid"}})
-    assert (await group_doc(stack, gid) or {}).get("revision") == 1
+    assert (await group_doc(stack, app.appid, gid) or {}).get("revision") == 1
 
 
 # ---- S4 rename, S5 disband, S9 upgrade ----------------------------------------------------
@@ -165,7 +178,7 @@ async def test_rename_group(stack: Stack) -> None:
         assert (status, reply) == (200, "")
         (event,) = await events.wait_for(1)
     assert isinstance(event, GroupRenamed) and event.name == "new" and event.members == [1, 2]
-    assert (await group_doc(stack, gid) or {})["name"] == "new"
+    assert (await group_doc(stack, app.appid, gid) or {})["name"] == "new"
     assert (await notified(stack, app.appid, 2, 2))[-1] == {
         "update_name": {"group_id": gid, "timestamp": event.timestamp, "name": "new"}
     }
@@ -190,7 +203,7 @@ async def test_disband_reaches_every_member(stack: Stack) -> None:
         assert (await notified(stack, app.appid, uid, 2))[-1] == {
             "disband": {"group_id": gid, "timestamp": event.timestamp, "group_name": "bye"}
         }
-    assert await group_doc(stack, gid) is None
+    assert await group_doc(stack, app.appid, gid) is None
     for method in ("DELETE", "PATCH"):
         status, reply, _ = await stack.request(
             method, f"/groups/{gid}", json={"name": "x"}, headers=app.server_auth
@@ -210,7 +223,7 @@ async def test_upgrade_to_super_group(stack: Stack) -> None:
             assert (status, reply) == (200, SUCCESS)
         received = await events.wait_for(2)
     assert all(isinstance(e, GroupUpgraded) and e.super for e in received)
-    assert (await group_doc(stack, gid) or {})["super"] is True
+    assert (await group_doc(stack, app.appid, gid) or {})["super"] is True
     queue = await stack.wait_inbox(app.appid, f"g:{gid}", 2)  # super: stored once, in the queue
     assert ops(queue)[0] == {
         "upgrade": {
@@ -251,13 +264,13 @@ async def test_add_members_in_each_body_form(stack: Stack, body: Any) -> None:
         )
         assert (status, reply) == (200, SUCCESS)
         expected = 1 if isinstance(body, dict) and "uid" in body else 2
-        received = await events.wait_for(expected)
-    assert all(isinstance(e, GroupMemberAdded) and e.joined for e in received)
-    doc = await group_doc(stack, gid)
+        (first,) = await events.wait_for(1)  # one event per call, listing the members
+        assert len(await events.settle()) == 1
+    assert isinstance(first, GroupMembersAdded) and all(a.joined for a in first.added)
+    assert [a.member_id for a in first.added] == [5, 6][:expected]
+    doc = await group_doc(stack, app.appid, gid)
     assert doc is not None
     assert doc["member_uids"] == ([1, 5] if expected == 1 else [1, 5, 6])
-    first = received[0]
-    assert isinstance(first, GroupMemberAdded)
     op = (await notified(stack, app.appid, 5, 1))[0]["add_member"]
     want: dict[str, Any] = {
         "group_id": gid,
@@ -293,7 +306,8 @@ async def test_add_members_edge_cases(stack: Stack) -> None:
         )
         assert status == 200
         (event,) = await events.wait_for(1)
-        assert isinstance(event, GroupMemberAdded) and event.joined is False
+        assert isinstance(event, GroupMembersAdded)
+        assert [(a.member_id, a.joined) for a in event.added] == [(2, False)]
     bad: list[tuple[Any, dict[str, Any]]] = [
         ([0], INVALID_PARAM),
         (["abc"], INVALID_PARAM),
@@ -323,8 +337,11 @@ async def test_remove_one_member_uses_the_stored_name(stack: Stack) -> None:
             )
             assert (status, reply) == (200, SUCCESS)
         received = await events.wait_for(2)
-    assert [(e.member_id, e.was_member) for e in received] == [(2, True), (2, False)]  # type: ignore[attr-defined]
-    assert isinstance(received[0], GroupMemberRemoved) and received[0].members == [1]
+    assert all(isinstance(e, GroupMembersRemoved) for e in received)
+    assert [(r.member_id, r.was_member) for e in received for r in e.removed] == [  # type: ignore[attr-defined]
+        (2, True),
+        (2, False),
+    ]
     quit_op = {
         "quit_group": {
             "group_id": gid,
@@ -336,7 +353,7 @@ async def test_remove_one_member_uses_the_stored_name(stack: Stack) -> None:
     }
     assert (await notified(stack, app.appid, 2, 2))[1] == quit_op  # the leaver is told too
     assert (await notified(stack, app.appid, 1, 2))[1] == quit_op
-    assert (await group_doc(stack, gid) or {})["member_uids"] == [1]
+    assert (await group_doc(stack, app.appid, gid) or {})["member_uids"] == [1]
     status, reply, _ = await stack.request(
         "DELETE", "/groups/99999999/members/2", headers=app.server_auth
     )
@@ -354,11 +371,12 @@ async def test_remove_several_members(stack: Stack) -> None:
             headers=app.server_auth,
         )
         assert (status, reply) == (200, SUCCESS)
-        received = await events.wait_for(2)
-    assert [e.member_id for e in received] == [2, 3]  # type: ignore[attr-defined]
+        (event,) = await events.wait_for(1)  # one event per call, listing the members
+    assert isinstance(event, GroupMembersRemoved)
+    assert [r.member_id for r in event.removed] == [2, 3]
     op = (await notified(stack, app.appid, 3, 2))[1]["quit_group"]
     assert (op["member_id"], op["name"], op["avatar"]) == (3, "three", "3.png")
-    assert (await group_doc(stack, gid) or {})["member_uids"] == [1, 4]
+    assert (await group_doc(stack, app.appid, gid) or {})["member_uids"] == [1, 4]
     for path, body, expected in (
         (f"/groups/{gid}/members", [], {"meta": {"code": 400, "message": "no memebers to delete"}}),
         (
@@ -393,7 +411,7 @@ async def test_member_settings(stack: Stack) -> None:
     assert isinstance(received[0], GroupMemberDoNotDisturbChanged)
     assert isinstance(received[1], GroupMemberNicknameChanged)
     assert isinstance(received[2], GroupMemberMuted)
-    member = (await group_doc(stack, gid) or {})["members"]["2"]
+    member = (await group_doc(stack, app.appid, gid) or {})["members"]["2"]
     assert (member["dnd"], member["nickname"], member["mute"]) == (True, "bobby", True)
     # Only the nickname change notifies, everyone.
     entries = await notified(stack, app.appid, 1, 2)
@@ -435,7 +453,7 @@ async def test_client_create_adds_the_creator(stack: Stack) -> None:
     )
     assert (status, reply) == (400, {"meta": {"code": 400, "message": "master must be self"}})
     gid = await client_create(stack, alice, {"master": 1, "name": "g", "members": [2, 3]})
-    assert (await group_doc(stack, gid) or {})["member_uids"] == [1, 2, 3]
+    assert (await group_doc(stack, app.appid, gid) or {})["member_uids"] == [1, 2, 3]
     status, reply, _ = await stack.request("POST", "/client/groups", json={}, headers={})
     assert (status, reply) == (
         400,
@@ -500,7 +518,7 @@ async def test_client_patch_rules(stack: Stack) -> None:
             assert (status, reply) == (status_expected, reply_expected), body
         received = await events.wait_for(3)
     assert [type(e) for e in received] == [GroupRenamed, GroupNoticeChanged, GroupRenamed]
-    doc = await group_doc(stack, gid)
+    doc = await group_doc(stack, app.appid, gid)
     assert doc is not None and (doc["name"], doc["notice"]) == ("wins", "hello")
     notices = [op for op in await notified(stack, app.appid, 2, 4) if "update_notice" in op]
     assert notices[0]["update_notice"]["notice"] == "hello"
@@ -521,7 +539,7 @@ async def test_client_disband_and_invite_rules(stack: Stack) -> None:
         )
         assert (status, reply) == (200, SUCCESS)
         (event,) = await events.wait_for(1)
-    assert isinstance(event, GroupMemberAdded)
+    assert isinstance(event, GroupMembersAdded)
     assert event.inviter == {"uid": 2, "name": "u2"}  # the caller, not the body's inviter
     status, reply, _ = await stack.request("DELETE", path, headers=bob)
     assert (status, reply) == (400, NO_AUTHORITY)  # only the master disbands
@@ -557,7 +575,7 @@ async def test_client_leave_and_remove_rules(stack: Stack) -> None:
     for method, target, headers, body, status_expected, reply_expected in cases:
         status, reply, _ = await stack.request(method, target, json=body, headers=headers)
         assert (status, reply) == (status_expected, reply_expected), (target, body)
-    assert (await group_doc(stack, gid) or {})["member_uids"] == [1]
+    assert (await group_doc(stack, app.appid, gid) or {})["member_uids"] == [1]
     # Alone now, the master may leave.
     status, _, _ = await stack.request("DELETE", f"{path}/1", headers=alice)
     assert status == 200
@@ -574,7 +592,7 @@ async def test_admin_actions_stay_server_only(stack: Stack) -> None:
         "PATCH", f"/client/groups/{gid}/members/1", json={"mute": True}, headers=alice
     )
     assert (status, reply) == (400, {"meta": {"code": 400, "message": "no action"}})
-    assert (await group_doc(stack, gid) or {})["super"] is False
+    assert (await group_doc(stack, app.appid, gid) or {})["super"] is False
 
 
 async def test_client_member_settings_rules(stack: Stack) -> None:
@@ -599,7 +617,7 @@ async def test_client_member_settings_rules(stack: Stack) -> None:
     for target, headers, body, status_expected, reply_expected in cases:
         status, reply, _ = await stack.request("PATCH", target, json=body, headers=headers)
         assert (status, reply) == (status_expected, reply_expected), (target, body)
-    member = (await group_doc(stack, gid) or {})["members"]["2"]
+    member = (await group_doc(stack, app.appid, gid) or {})["members"]["2"]
     assert (member["dnd"], member["nickname"], member["mute"]) == (True, "b", False)
 
 
@@ -611,7 +629,7 @@ async def test_another_app_cannot_touch_a_group(stack: Stack) -> None:
     gid = await create(stack, a, {"master": 1, "name": "a's", "members": [1, 2]})
     await notified(stack, a.appid, 1, 1)
     b_user_1 = await stack.client(b, 1)  # the same uid, in app B
-    before = await group_doc(stack, gid)
+    before = await group_doc(stack, a.appid, gid)
     async with stack.recorder(a.appid) as a_events:
         server_calls: list[tuple[str, str, Any]] = [
             ("PATCH", f"/groups/{gid}", {"name": "x"}),
@@ -640,5 +658,5 @@ async def test_another_app_cannot_touch_a_group(stack: Stack) -> None:
         status, reply, _ = await stack.request("GET", "/client/groups", headers=b_user_1)
         assert (status, reply) == (200, {"data": []})
         assert await a_events.settle() == []
-    assert await group_doc(stack, gid) == before
+    assert await group_doc(stack, a.appid, gid) == before
     assert len(await stack.inbox(a.appid, "u:1")) == 1

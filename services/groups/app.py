@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import structlog
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict
 
@@ -34,7 +35,6 @@ from shared.http import (
 from shared.ids import Flag, Id, Text, parse_id
 from shared.jsonio import json_response
 from shared.logs import request_id_of
-from shared.mongo import Document
 from shared.settings import Settings
 from shared.web import (
     BUS,
@@ -50,7 +50,9 @@ from shared.web import (
 )
 
 from .domain import GroupsDomain, LocalGroupDirectory, MemberSettings, MemberSpec, snapshot
-from .repository import INDEXES, GroupsRepository
+from .repository import INDEXES, Group, GroupsRepository
+
+log = structlog.get_logger("parley.groups")
 
 SERVICE = "groups"
 GROUPS = web.AppKey("groups_domain", GroupsDomain)
@@ -165,23 +167,22 @@ def parse_remove_body(body: Any) -> list[MemberSpec]:
 
 
 async def render_group(
-    request: web.Request, doc: Document, caller: int, *, members: bool, quiet: bool
+    request: web.Request, group: Group, caller: int, *, members: bool, quiet: bool
 ) -> dict[str, Any]:
-    group: dict[str, Any] = {
-        "id": doc["_id"],
-        "appid": doc["appid"],
-        "master": doc["master"],
-        "super": 1 if doc["super"] else 0,
-        "name": doc["name"],
-        "notice": doc.get("notice") or "",
+    rendered: dict[str, Any] = {
+        "id": group.gid,
+        "appid": group.appid,
+        "master": group.master,
+        "super": 1 if group.super else 0,
+        "name": group.name,
+        "notice": group.notice,
     }
-    entries: dict[str, Any] = doc.get("members", {})
     if members:
-        uids = sorted(int(uid) for uid in entries)
-        names = await domain(request).user_names(doc["appid"], uids)
+        uids = group.uids
+        names = await domain(request).user_names(group.appid, uids)
         listed = []
         for uid in uids:
-            nickname = entries[str(uid)].get("nickname")
+            nickname = group.members[uid].nickname
             item: dict[str, Any] = {
                 "uid": uid,
                 "name": names.get(uid, ""),
@@ -192,10 +193,11 @@ async def render_group(
             if nickname:
                 item["nickname_in_group"] = nickname
             listed.append(item)
-        group["members"] = listed
+        rendered["members"] = listed
     if quiet:
-        group["do_not_disturb"] = bool(entries.get(str(caller), {}).get("dnd", False))
-    return group
+        member = group.members.get(caller)
+        rendered["do_not_disturb"] = bool(member and member.dnd)
+    return rendered
 
 
 # ---- server API (S3–S10) ------------------------------------------------------------------
@@ -273,7 +275,6 @@ async def member_settings(request: web.Request) -> web.Response:
     change = MemberSettings(body.do_not_disturb, body.nickname, body.mute)
     if change.is_empty():
         raise ParleyError(NO_ACTION)
-    await domain(request).get(appid, gid)  # an unknown group answers before the member check
     await domain(request).member_settings(appid, gid, mid, change, request_id_of(request))
     return success()
 
@@ -298,12 +299,11 @@ async def client_create_group(request: web.Request) -> web.Response:
 async def client_list_groups(request: web.Request) -> web.Response:
     owner = await client_auth(request)
     fields = {f.strip() for f in request.query.get("fields", "").split(",")}
-    docs = await domain(request).list_for(owner.appid, owner.uid)
     groups = [
         await render_group(
-            request, doc, owner.uid, members="members" in fields, quiet="quiet" in fields
+            request, group, owner.uid, members="members" in fields, quiet="quiet" in fields
         )
-        for doc in docs
+        for group in await domain(request).list_for(owner.appid, owner.uid)
     ]
     return data(groups)
 
@@ -311,9 +311,9 @@ async def client_list_groups(request: web.Request) -> web.Response:
 async def client_get_group(request: web.Request) -> web.Response:
     gid = path_id(request, "gid")
     owner = await client_auth(request)
-    doc = await domain(request).get(owner.appid, gid)
-    GroupsDomain.require_member(doc, owner.uid)
-    return data(await render_group(request, doc, owner.uid, members=True, quiet=True))
+    group = await domain(request).get(owner.appid, gid)
+    GroupsDomain.require_member(owner.uid)(group)
+    return data(await render_group(request, group, owner.uid, members=True, quiet=True))
 
 
 async def client_patch_group(request: web.Request) -> web.Response:
@@ -323,24 +323,29 @@ async def client_patch_group(request: web.Request) -> web.Response:
     if body.name is None and body.notice is None:
         raise ParleyError(PATCH_NOTHING)
     groups = domain(request)
-    doc = await groups.get(owner.appid, gid)
-    groups.require_member(doc, owner.uid)
+    member = GroupsDomain.require_member(owner.uid)
     rid = request_id_of(request)
     if body.name is not None:  # name wins over notice (spec S23)
-        await groups.rename(owner.appid, gid, body.name, rid)
+        await groups.rename(owner.appid, gid, body.name, rid, check=member)
     else:
+        check = member
         if request.app[SETTINGS].notice_by_master_only:
-            groups.require_master(doc, owner.uid)
-        await groups.set_notice(owner.appid, gid, body.notice or "", rid)
+            master = GroupsDomain.require_master(owner.uid)
+
+            def check(group: Group) -> None:
+                member(group)
+                master(group)
+
+        await groups.set_notice(owner.appid, gid, body.notice or "", rid, check=check)
     return success()
 
 
 async def client_disband_group(request: web.Request) -> web.Response:
     gid = path_id(request, "gid")
     owner = await client_auth(request)
-    groups = domain(request)
-    groups.require_master(await groups.get(owner.appid, gid), owner.uid)
-    await groups.disband(owner.appid, gid, request_id_of(request))
+    await domain(request).disband(
+        owner.appid, gid, request_id_of(request), check=GroupsDomain.require_master(owner.uid)
+    )
     return success()
 
 
@@ -351,29 +356,29 @@ async def client_add_members(request: web.Request) -> web.Response:
     if not specs:
         return empty_ok()
     groups = domain(request)
-    groups.require_member(await groups.get(owner.appid, gid), owner.uid)
+    member = GroupsDomain.require_member(owner.uid)
+    member(await groups.get(owner.appid, gid))  # refused before the inviter's name is read
     names = await groups.user_names(owner.appid, [owner.uid])
     inviter = {"uid": owner.uid, "name": names.get(owner.uid, "")}
-    await groups.add_members(owner.appid, gid, specs, inviter, request_id_of(request))
+    await groups.add_members(owner.appid, gid, specs, inviter, request_id_of(request), check=member)
     return success()
 
 
 async def client_remove_member(request: web.Request) -> web.Response:
     gid, mid = path_id(request, "gid"), path_id(request, "mid")
     owner = await client_auth(request)
-    groups = domain(request)
-    doc = await groups.get(owner.appid, gid)
-    is_master = int(doc["master"]) == owner.uid
-    if mid != owner.uid and not is_master:
-        raise ParleyError(NO_AUTHORITY)
-    if (
-        mid == owner.uid
-        and is_master
-        and request.app[SETTINGS].master_must_disband
-        and set(doc.get("members", {})) - {str(mid)}
-    ):
-        raise ParleyError(NO_AUTHORITY)  # the master disbands instead (spec S26)
-    await groups.remove_members(owner.appid, gid, [MemberSpec(mid)], request_id_of(request))
+    master_must_disband = request.app[SETTINGS].master_must_disband
+
+    def check(group: Group) -> None:
+        is_master = group.master == owner.uid
+        if mid != owner.uid and not is_master:
+            raise ParleyError(NO_AUTHORITY)
+        if mid == owner.uid and is_master and master_must_disband and set(group.members) - {mid}:
+            raise ParleyError(NO_AUTHORITY)  # the master disbands instead (spec S26)
+
+    await domain(request).remove_members(
+        owner.appid, gid, [MemberSpec(mid)], request_id_of(request), check=check
+    )
     return success()
 
 
@@ -381,11 +386,12 @@ async def client_remove_members(request: web.Request) -> web.Response:
     gid = path_id(request, "gid")
     owner = await client_auth(request)
     groups = domain(request)
-    groups.require_master(await groups.get(owner.appid, gid), owner.uid)  # before the body
+    master = GroupsDomain.require_master(owner.uid)
+    master(await groups.get(owner.appid, gid))  # refused before the body is read
     specs = parse_remove_body(await read_json(request))
     if owner.uid in {s.uid for s in specs}:
         raise ParleyError(NO_AUTHORITY)  # the master leaves by disbanding (spec S27)
-    await groups.remove_members(owner.appid, gid, specs, request_id_of(request))
+    await groups.remove_members(owner.appid, gid, specs, request_id_of(request), check=master)
     return success()
 
 
@@ -399,9 +405,14 @@ async def client_member_settings(request: web.Request) -> web.Response:
     change = MemberSettings(do_not_disturb=dnd, nickname=body.nickname)
     if change.is_empty():
         raise ParleyError(NO_ACTION)
-    groups = domain(request)
-    groups.require_member(await groups.get(owner.appid, gid), owner.uid)
-    await groups.member_settings(owner.appid, gid, mid, change, request_id_of(request))
+    await domain(request).member_settings(
+        owner.appid,
+        gid,
+        mid,
+        change,
+        request_id_of(request),
+        check=GroupsDomain.require_member(owner.uid),
+    )
     return success()
 
 
@@ -413,10 +424,10 @@ async def internal_get_group(request: web.Request) -> web.Response:
     require_internal(request)
     gid = path_id(request, "gid")
     appid = required_query_id(request, "appid")
-    doc = await domain(request).repo.get(appid, gid)
-    if doc is None:
+    group = await domain(request).find(appid, gid)
+    if group is None:
         raise web.HTTPNotFound()
-    return json_response(snapshot(doc).model_dump())
+    return json_response(snapshot(group).model_dump())
 
 
 HANDLERS = {
@@ -446,7 +457,11 @@ def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
     app.router.add_get("/internal/groups/{gid:[0-9]+}", internal_get_group)
 
     async def domain_ctx(app: web.Application) -> AsyncIterator[None]:
-        groups = GroupsDomain(GroupsRepository(app[DB]), app[BUS], app[SETTINGS])
+        repo = GroupsRepository(app[DB])
+        migrated = await repo.migrate()
+        if migrated:
+            log.info("groups rewritten as logs from the previous shape", count=migrated)
+        groups = GroupsDomain(repo, app[BUS])
         app[GROUPS] = groups
         if deps.groups is None:
             deps.groups = LocalGroupDirectory(groups)
@@ -471,7 +486,7 @@ def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
             bus_ctx(deps, SERVICE),
             verifier_ctx(deps),
             domain_ctx,
-            outbox_ctx(lambda db: GroupsRepository(db).outbox_collections()),
+            outbox_ctx(lambda db: (), lambda app: [app[GROUPS].repo.log]),
         ]
     )
     return app

@@ -1,42 +1,41 @@
 """The groups domain: groups, members, member settings, and the client-side authorization
-rules of spec §6. No HTTP here. Each change is one compare-and-set write of the group document
-that also carries its ``group.*`` events (delivered right after, relayed if need be)."""
+rules of spec §6. No HTTP here. Each change is one revision of the group's log
+(``repository.py``): the rule checks run against the state the revision is written on, so a
+check and its change cannot be separated by a concurrent writer, and the revision carries the
+change's ``group.*`` events (published right after, relayed if need be)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from shared.bus import Bus
-from shared.errors import (
-    GROUP_NON_EXISTS,
-    NO_AUTHORITY,
-    InvalidParam,
-    ParleyError,
-)
+from shared.errors import GROUP_NON_EXISTS, NO_AUTHORITY, InvalidParam, ParleyError
 from shared.events import (
+    AddedMember,
     Event,
     GroupCreated,
     GroupDisbanded,
-    GroupEvent,
-    GroupMemberAdded,
     GroupMemberDoNotDisturbChanged,
     GroupMemberMuted,
     GroupMemberNicknameChanged,
-    GroupMemberRemoved,
+    GroupMembersAdded,
+    GroupMembersRemoved,
     GroupNoticeChanged,
     GroupRenamed,
     GroupUpgraded,
-    utcnow,
+    RemovedMember,
 )
 from shared.internal import GroupDirectory, GroupSnapshot
 from shared.mongo import Document
-from shared.outbox import deliver
-from shared.settings import Settings
+from shared.revlog import Conflict, Versioned
 
-from .repository import GroupExists, GroupsRepository
+from .repository import Group, GroupsRepository, group_key, to_group
+
+Check = Callable[[Group], None]
+Compute = Callable[[Group], tuple[Document, list[Event]]]
 
 
 @dataclass(frozen=True)
@@ -58,63 +57,80 @@ class MemberSettings:
         return self.do_not_disturb is None and self.nickname is None and self.mute is None
 
 
-def _uids(doc: Document) -> list[int]:
-    return sorted(int(uid) for uid in doc.get("members", {}))
+class _IdTaken(Exception):
+    pass
 
 
-def _base(doc: Document, members: list[int], **changes: Any) -> dict[str, Any]:
+def _base(group: Group, **changes: Any) -> dict[str, Any]:
     """The fields every group event carries, as of after the change."""
     return {
-        "appid": doc["appid"],
-        "gid": doc["_id"],
-        "name": changes.get("name", doc["name"]),
-        "super": changes.get("super", doc["super"]),
-        "members": members,
-        "revision": doc["revision"] + 1,
+        "appid": group.appid,
+        "gid": group.gid,
+        "name": changes.get("name", group.name),
+        "super": changes.get("super", group.super),
+        "revision": group.revision + 1,
     }
 
 
-def _new_member() -> dict[str, Any]:
-    return {"ts": int(time.time()), "nickname": None, "mute": False, "dnd": False}
-
-
-def snapshot(doc: Document) -> GroupSnapshot:
-    members = doc.get("members", {})
+def snapshot(group: Group) -> GroupSnapshot:
     return GroupSnapshot(
-        gid=int(doc["_id"]),
-        appid=int(doc["appid"]),
-        name=doc["name"],
-        super=bool(doc["super"]),
-        members=_uids(doc),
-        muted=sorted(int(uid) for uid, m in members.items() if m.get("mute")),
-        revision=int(doc["revision"]),
+        gid=group.gid,
+        appid=group.appid,
+        name=group.name,
+        super=group.super,
+        members=group.uids,
+        muted=group.muted,
+        revision=group.revision,
     )
 
 
+def _distinct(members: Sequence[MemberSpec]) -> list[MemberSpec]:
+    """The first mention of each uid, in request order."""
+    return list({m.uid: m for m in reversed(members)}.values())[::-1]
+
+
 class GroupsDomain:
-    def __init__(self, repo: GroupsRepository, bus: Bus | None, settings: Settings) -> None:
+    def __init__(self, repo: GroupsRepository, bus: Bus | None) -> None:
         self.repo = repo
         self.bus = bus
-        self.settings = settings
-
-    async def _announce(self, gid: int, events: Sequence[Event], rid: str) -> None:
-        await deliver(self.repo.groups, gid, events, self.bus, rid)
 
     # ---- reads ----
 
-    async def get(self, appid: int, gid: int) -> Document:
-        doc = await self.repo.get(appid, gid)
-        if doc is None:
+    async def get(self, appid: int, gid: int) -> Group:
+        group = await self.repo.get(appid, gid)
+        if group is None:
             raise ParleyError(GROUP_NON_EXISTS)
-        return doc
+        return group
 
-    async def list_for(self, appid: int, uid: int) -> list[Document]:
+    async def find(self, appid: int, gid: int) -> Group | None:
+        return await self.repo.get(appid, gid)
+
+    async def list_for(self, appid: int, uid: int) -> list[Group]:
         return await self.repo.list_for(appid, uid)
 
     async def user_names(self, appid: int, uids: Sequence[int]) -> dict[int, str]:
         return await self.repo.names(appid, uids)
 
     # ---- changes ----
+
+    async def _change(
+        self, appid: int, gid: int, compute: Compute, rid: str, check: Check | None
+    ) -> None:
+        """One revision of the group: ``check`` (a §6 rule) and ``compute`` run against the
+        state the revision is written on. 400 ``group non exists`` for a missing group."""
+
+        def step(current: Versioned) -> tuple[Document, list[Event]]:
+            group = to_group(current)
+            if group is None:
+                raise ParleyError(GROUP_NON_EXISTS)
+            if check is not None:
+                check(group)
+            return compute(group)
+
+        try:
+            await self.repo.log.change(group_key(appid, gid), step, bus=self.bus, request_id=rid)
+        except Conflict:
+            raise ParleyError("group busy, retry", status=503) from None
 
     async def create(
         self,
@@ -129,65 +145,85 @@ class GroupsDomain:
     ) -> int:
         """S3/S21. The master is a member only if listed (the client route lists the caller)."""
         uids = sorted({m.uid for m in members})
+        now = int(time.time())
         for _ in range(5):
             gid = group_id if group_id else await self.repo.next_gid()
-            doc: Document = {
-                "_id": gid,
+            state: Document = {
                 "appid": appid,
+                "gid": gid,
                 "master": master,
                 "name": name,
                 "notice": "",
                 "super": is_super,
                 "deleted": False,
-                "revision": 0,
-                "members": {str(uid): _new_member() for uid in uids},
-                "member_uids": uids,
-                "created_at": utcnow(),
+                "m": {str(uid): [now, None, False, False] for uid in uids},
             }
-            event = GroupCreated(**_base(doc, uids), master=master, members_given=members_given)
+            event = GroupCreated(
+                appid=appid,
+                gid=gid,
+                name=name,
+                super=is_super,
+                members=uids,
+                revision=1,
+                master=master,
+                members_given=members_given,
+            )
+
+            def step(
+                current: Versioned, state: Document = state, event: Event = event
+            ) -> tuple[Document, list[Event]]:
+                if current.rev > 0:
+                    raise _IdTaken()  # an external id (EXTERNAL_GROUP_ID) holds this number
+                return {"op": "create", "s": state}, [event]
+
             try:
-                await self.repo.insert(doc | {"revision": 1}, [event], rid)
-            except GroupExists:
+                await self.repo.log.change(
+                    group_key(appid, gid), step, bus=self.bus, request_id=rid, new=True
+                )
+            except _IdTaken:
                 if group_id:
                     raise ParleyError("group already exists") from None
                 continue
-            await self._announce(gid, [event], rid)
             return gid
         raise ParleyError("group id allocation failed", status=503)
 
-    async def rename(self, appid: int, gid: int, name: str, rid: str = "") -> None:
-        def change(doc: Document) -> tuple[dict[str, Any], list[Event]]:
-            event = GroupRenamed(**_base(doc, _uids(doc), name=name))
-            return {"name": name}, [event]
+    async def rename(
+        self, appid: int, gid: int, name: str, rid: str = "", check: Check | None = None
+    ) -> None:
+        def compute(group: Group) -> tuple[Document, list[Event]]:
+            event = GroupRenamed(**_base(group, name=name), members=group.uids)
+            return {"op": "set", "f": {"name": name}}, [event]
 
-        _, events = await self.repo.mutate(appid, gid, change, rid)
-        await self._announce(gid, events, rid)
+        await self._change(appid, gid, compute, rid, check)
 
-    async def set_notice(self, appid: int, gid: int, notice: str, rid: str = "") -> None:
-        def change(doc: Document) -> tuple[dict[str, Any], list[Event]]:
-            return {"notice": notice}, [GroupNoticeChanged(**_base(doc, _uids(doc)), notice=notice)]
+    async def set_notice(
+        self, appid: int, gid: int, notice: str, rid: str = "", check: Check | None = None
+    ) -> None:
+        def compute(group: Group) -> tuple[Document, list[Event]]:
+            event = GroupNoticeChanged(**_base(group), members=group.uids, notice=notice)
+            return {"op": "set", "f": {"notice": notice}}, [event]
 
-        _, events = await self.repo.mutate(appid, gid, change, rid)
-        await self._announce(gid, events, rid)
+        await self._change(appid, gid, compute, rid, check)
 
-    async def disband(self, appid: int, gid: int, rid: str = "") -> None:
+    async def disband(
+        self, appid: int, gid: int, rid: str = "", check: Check | None = None
+    ) -> None:
         """S5/S24. The event carries the members just before: they all get ``disband``."""
 
-        def change(doc: Document) -> tuple[dict[str, Any], list[Event]]:
-            event = GroupDisbanded(**_base(doc, _uids(doc)))
-            return {"deleted": True, "members": {}, "member_uids": []}, [event]
+        def compute(group: Group) -> tuple[Document, list[Event]]:
+            event = GroupDisbanded(**_base(group), members=group.uids)
+            return {"op": "disband", "u": group.uids}, [event]
 
-        _, events = await self.repo.mutate(appid, gid, change, rid)
-        await self._announce(gid, events, rid)
+        await self._change(appid, gid, compute, rid, check)
 
     async def upgrade(self, appid: int, gid: int, rid: str = "") -> None:
         """S9; idempotent (an upgrade of a super group repeats the event)."""
 
-        def change(doc: Document) -> tuple[dict[str, Any], list[Event]]:
-            return {"super": True}, [GroupUpgraded(**_base(doc, _uids(doc), super=True))]
+        def compute(group: Group) -> tuple[Document, list[Event]]:
+            event = GroupUpgraded(**_base(group, super=True), members=group.uids)
+            return {"op": "set", "f": {"super": True}}, [event]
 
-        _, events = await self.repo.mutate(appid, gid, change, rid)
-        await self._announce(gid, events, rid)
+        await self._change(appid, gid, compute, rid, None)
 
     async def add_members(
         self,
@@ -196,112 +232,117 @@ class GroupsDomain:
         members: Sequence[MemberSpec],
         inviter: dict[str, Any] | None = None,
         rid: str = "",
+        check: Check | None = None,
     ) -> None:
         """S6/S25: new members join (fresh: join time now, not muted, no nickname); existing
-        ones are left alone. Every listed member gets an ``add_member`` notification."""
+        ones are left alone. One event lists every listed member: each gets its ``add_member``
+        notification."""
+        listed = _distinct(members)
 
-        def change(doc: Document) -> tuple[dict[str, Any], list[Event]]:
-            current = dict(doc.get("members", {}))
-            joined = {m.uid for m in members if str(m.uid) not in current}
-            for uid in joined:
-                current[str(uid)] = _new_member()
-            after = sorted(int(uid) for uid in current)
-            events: list[Event] = []
-            seen: set[int] = set()
-            for m in members:
-                if m.uid in seen:
-                    continue
-                seen.add(m.uid)
-                events.append(
-                    GroupMemberAdded(
-                        **_base(doc, after),
+        def compute(group: Group) -> tuple[Document, list[Event]]:
+            now = int(time.time())
+            joined = [m.uid for m in listed if not group.is_member(m.uid)]
+            event = GroupMembersAdded(
+                **_base(group),
+                added=[
+                    AddedMember(
                         member_id=m.uid,
                         member_name=m.name or None,
                         avatar=m.avatar or None,
-                        inviter=inviter,
-                        joined=m.uid in joined,
+                        joined=not group.is_member(m.uid),
                     )
-                )
-            return {"members": current, "member_uids": after}, events
+                    for m in listed
+                ],
+                inviter=inviter,
+            )
+            return {"op": "add", "m": {str(uid): now for uid in joined}}, [event]
 
-        _, events = await self.repo.mutate(appid, gid, change, rid)
-        await self._announce(gid, events, rid)
+        await self._change(appid, gid, compute, rid, check)
 
     async def remove_members(
-        self, appid: int, gid: int, members: Sequence[MemberSpec], rid: str = ""
+        self,
+        appid: int,
+        gid: int,
+        members: Sequence[MemberSpec],
+        rid: str = "",
+        check: Check | None = None,
     ) -> None:
         """S7/S8/S26/S27: idempotent; each listed uid gets its ``quit_group`` notification. A
         name not given in the request is the user's stored name, when known."""
-        known = await self.repo.names(appid, [m.uid for m in members if m.name is None])
+        listed = _distinct(members)
+        known = await self.repo.names(appid, [m.uid for m in listed if m.name is None])
 
-        def change(doc: Document) -> tuple[dict[str, Any], list[Event]]:
-            current = dict(doc.get("members", {}))
-            removed = {m.uid for m in members if current.pop(str(m.uid), None) is not None}
-            after = sorted(int(uid) for uid in current)
-            events: list[Event] = []
-            for m in {m.uid: m for m in members}.values():
-                name = m.name if m.name is not None else known.get(m.uid)
-                events.append(
-                    GroupMemberRemoved(
-                        **_base(doc, after),
+        def compute(group: Group) -> tuple[Document, list[Event]]:
+            removed = [m.uid for m in listed if group.is_member(m.uid)]
+            event = GroupMembersRemoved(
+                **_base(group),
+                removed=[
+                    RemovedMember(
                         member_id=m.uid,
-                        member_name=name or None,
+                        member_name=(m.name if m.name is not None else known.get(m.uid)) or None,
                         avatar=m.avatar or None,
-                        was_member=m.uid in removed,
+                        was_member=group.is_member(m.uid),
                     )
-                )
-            return {"members": current, "member_uids": after}, events
+                    for m in listed
+                ],
+            )
+            return {"op": "remove", "u": removed}, [event]
 
-        _, events = await self.repo.mutate(appid, gid, change, rid)
-        await self._announce(gid, events, rid)
+        await self._change(appid, gid, compute, rid, check)
 
     async def member_settings(
-        self, appid: int, gid: int, uid: int, settings: MemberSettings, rid: str = ""
+        self,
+        appid: int,
+        gid: int,
+        uid: int,
+        settings: MemberSettings,
+        rid: str = "",
+        check: Check | None = None,
     ) -> None:
         """S10/S28: every key present, in the order do_not_disturb, nickname, mute."""
 
-        def change(doc: Document) -> tuple[dict[str, Any], list[Event]]:
-            member = doc.get("members", {}).get(str(uid))
-            if member is None:
+        def compute(group: Group) -> tuple[Document, list[Event]]:
+            if not group.is_member(uid):
                 raise InvalidParam()
-            base = _base(doc, _uids(doc))
-            sets: dict[str, Any] = {}
+            base = {**_base(group), "members": group.uids, "member_id": uid}
+            fields: dict[str, Any] = {}
             events: list[Event] = []
             if settings.do_not_disturb is not None:
-                sets[f"members.{uid}.dnd"] = settings.do_not_disturb
+                fields["dnd"] = settings.do_not_disturb
                 events.append(
-                    GroupMemberDoNotDisturbChanged(
-                        **base, member_id=uid, do_not_disturb=settings.do_not_disturb
-                    )
+                    GroupMemberDoNotDisturbChanged(**base, do_not_disturb=settings.do_not_disturb)
                 )
             if settings.nickname is not None:
-                sets[f"members.{uid}.nickname"] = settings.nickname
-                events.append(
-                    GroupMemberNicknameChanged(**base, member_id=uid, nickname=settings.nickname)
-                )
+                fields["nickname"] = settings.nickname
+                events.append(GroupMemberNicknameChanged(**base, nickname=settings.nickname))
             if settings.mute is not None:
-                sets[f"members.{uid}.mute"] = settings.mute
-                events.append(GroupMemberMuted(**base, member_id=uid, mute=settings.mute))
-            return sets, events
+                fields["mute"] = settings.mute
+                events.append(GroupMemberMuted(**base, mute=settings.mute))
+            return {"op": "member", "uid": uid, "f": fields}, events
 
-        _, events = await self.repo.mutate(appid, gid, change, rid)
-        await self._announce(gid, events, rid)
+        await self._change(appid, gid, compute, rid, check)
 
     # ---- client-side authorization (spec §6) ----
 
     @staticmethod
-    def require_member(doc: Document, uid: int) -> None:
-        if str(uid) not in doc.get("members", {}):
-            raise ParleyError(NO_AUTHORITY)
+    def require_member(uid: int) -> Check:
+        def check(group: Group) -> None:
+            if not group.is_member(uid):
+                raise ParleyError(NO_AUTHORITY)
+
+        return check
 
     @staticmethod
-    def require_master(doc: Document, uid: int) -> None:
-        if int(doc["master"]) != uid:
-            raise ParleyError(NO_AUTHORITY)
+    def require_master(uid: int) -> Check:
+        def check(group: Group) -> None:
+            if group.master != uid:
+                raise ParleyError(NO_AUTHORITY)
+
+        return check
 
     # ---- the user-name view (auth events) ----
 
-    async def on_user_event(self, event: GroupEvent | Event) -> None:
+    async def on_user_event(self, event: Event) -> None:
         name = getattr(event, "user_name", None)
         if name is None:
             name = getattr(event, "name", None)
@@ -311,11 +352,22 @@ class GroupsDomain:
 
 
 class LocalGroupDirectory(GroupDirectory):
-    """The groups domain as a ``GroupDirectory``, for the messages service in-process."""
+    """The groups domain as a ``GroupDirectory``, for the messages service in-process. The
+    snapshot of a revision is kept, so a big group is not converted again for each message."""
 
     def __init__(self, domain: GroupsDomain) -> None:
         self._domain = domain
+        self._snapshots: dict[tuple[int, int], GroupSnapshot] = {}
 
     async def get_group(self, appid: int, gid: int) -> GroupSnapshot | None:
-        doc = await self._domain.repo.get(appid, gid)
-        return snapshot(doc) if doc is not None else None
+        group = await self._domain.find(appid, gid)
+        if group is None:
+            self._snapshots.pop((appid, gid), None)
+            return None
+        known = self._snapshots.get((appid, gid))
+        if known is not None and known.revision == group.revision:
+            return known
+        if len(self._snapshots) > 10_000:
+            self._snapshots.clear()
+        self._snapshots[(appid, gid)] = result = snapshot(group)
+        return result

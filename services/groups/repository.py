@@ -1,131 +1,289 @@
-"""The groups service's collections.
+"""The groups service's storage: every change is one insert (``shared/revlog.py``).
 
-* ``groups_groups``: one document per group, members embedded, so every change (and its
-  event, in the embedded outbox) is one atomic single-document write::
+* ``groups_log_revs|heads|pending``: each group is the log of its revisions, keyed
+  ``"<appid>:<gid>"`` (so another app's gid is simply not there). A delta is one of::
 
-      {_id: gid, appid, master, name, notice, super, deleted, revision,
-       members: {"<uid>": {ts, nickname, mute, dnd}}, member_uids: [uid, ...]}
+      {op: "create", s: <state>}              {op: "set", f: {name?, notice?, super?}}
+      {op: "add", m: {"<uid>": ts}}           {op: "remove", u: [uid, ...]}
+      {op: "member", uid, f: {nickname?, mute?, dnd?}}
+      {op: "disband", u: [the members just before]}
 
-  Changes are compare-and-set on ``revision``: read, compute, write with ``revision`` in the
-  filter, retry on conflict. A disbanded group is kept with ``deleted: true`` and no members.
+  and the state is ``{appid, gid, master, name, notice, super, deleted, m: {"<uid>": [ts,
+  nickname, mute, dnd]}}``. A change of n members writes O(n) bytes; the head snapshot (the
+  whole state, ~40 bytes a member) is rewritten every 16 revisions.
+* ``groups_mine_revs|heads``: each user's groups, keyed ``"<appid>:<uid>"``: deltas
+  ``{add: [gid...], remove: [gid...]}`` written after a group revision commits (and again by
+  the relay if the process stopped in between: set operations, so a replay changes nothing).
 * ``groups_users``: the service's view of user names, fed by the auth service's events.
-* ``groups_counters``: ``{_id: "gid", seq}`` for group ids.
+* ``groups_counters``: group-id blocks claimed by insert (``shared/idblocks.py``).
+
+Every read and write is a lookup or an insert by a string ``_id``: nothing reads a collection.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
 
+from pydantic import BaseModel, ConfigDict
 from pymongo import IndexModel
 from pymongo.errors import DuplicateKeyError
 
-from shared.errors import GROUP_NON_EXISTS, ParleyError
-from shared.events import Event
-from shared.mongo import Collection, Database, Document, next_sequence
-from shared.outbox import OUTBOX_INDEX, new_with_outbox, with_outbox
+from shared.events import utcnow
+from shared.idblocks import IdBlocks
+from shared.mongo import Collection, Database, Document
+from shared.revlog import Revision, RevLog, Versioned
 
-GROUPS = "groups_groups"
+LOG = "groups_log"
+MINE = "groups_mine"
 USERS = "groups_users"
-COUNTERS = "groups_counters"
+# Group-id blocks; its ``{_id: "gid", seq}`` document is the previous ``$inc`` counter.
+IDS = "groups_counters"
+# Groups of the previous shape (one document per group), read once by ``migrate``.
+LEGACY_GROUPS = "groups_groups"
 
-INDEXES: dict[str, list[IndexModel]] = {
-    GROUPS: [
-        IndexModel([("appid", 1), ("member_uids", 1)], name="appid_member"),
-        OUTBOX_INDEX,
-    ],
-    USERS: [],
-    COUNTERS: [],
-}
+INDEXES: dict[str, list[IndexModel]] = {}
 
-MAX_ATTEMPTS = 20
-
-
-class GroupExists(Exception):
-    pass
+GID_BLOCK = 16
+# Up to this many names are looked up one by one; more are read with one query.
+NAME_LOOKUPS = 64
+GROUP_CACHE_SIZE = 10_000
+MIGRATED = "migrated:groups_groups"
 
 
-Change = tuple[dict[str, Any], list[Event]]
+class Member(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    uid: int
+    ts: int
+    nickname: str | None = None
+    mute: bool = False
+    dnd: bool = False
+
+
+class Group(BaseModel):
+    """A live group as of ``revision``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    appid: int
+    gid: int
+    master: int
+    name: str
+    notice: str
+    super: bool
+    revision: int
+    members: dict[int, Member]
+
+    @property
+    def uids(self) -> list[int]:
+        return sorted(self.members)
+
+    def is_member(self, uid: int) -> bool:
+        return uid in self.members
+
+    @property
+    def muted(self) -> list[int]:
+        return sorted(uid for uid, m in self.members.items() if m.mute)
+
+
+def group_key(appid: int, gid: int) -> str:
+    return f"{appid}:{gid}"
+
+
+def fold_group(state: Document | None, delta: Document) -> Document | None:
+    """The group's state after ``delta`` (a pure function; ``state`` is never modified)."""
+    op = delta["op"]
+    if op == "create":
+        return dict(delta["s"])
+    if state is None:
+        return None
+    if op == "disband":
+        return {**state, "deleted": True, "m": {}}
+    if op == "set":
+        return {**state, **delta["f"]}
+    members = dict(state["m"])
+    if op == "add":
+        for uid, ts in delta["m"].items():
+            members.setdefault(uid, [ts, None, False, False])
+    elif op == "remove":
+        for uid in delta["u"]:
+            members.pop(str(uid), None)
+    elif op == "member":
+        entry = members.get(str(delta["uid"]))
+        if entry is not None:
+            ts, nickname, mute, dnd = entry
+            fields = delta["f"]
+            members[str(delta["uid"])] = [
+                ts,
+                fields.get("nickname", nickname),
+                fields.get("mute", mute),
+                fields.get("dnd", dnd),
+            ]
+    else:
+        raise ValueError(f"unknown group delta {op!r}")
+    return {**state, "m": members}
+
+
+def fold_mine(state: Document | None, delta: Document) -> Document:
+    gids = set(state["g"]) if state else set()
+    gids |= set(delta.get("add", ()))
+    gids -= set(delta.get("remove", ()))
+    return {"g": sorted(gids)}
+
+
+def to_group(versioned: Versioned) -> Group | None:
+    state = versioned.state
+    if state is None or state.get("deleted"):
+        return None
+    return Group(
+        appid=state["appid"],
+        gid=state["gid"],
+        master=state["master"],
+        name=state["name"],
+        notice=state.get("notice", ""),
+        super=state["super"],
+        revision=versioned.rev,
+        members={
+            int(uid): Member(uid=int(uid), ts=e[0], nickname=e[1], mute=e[2], dnd=e[3])
+            for uid, e in state["m"].items()
+        },
+    )
+
+
+def membership_changes(delta: Document) -> tuple[list[int], list[int]]:
+    """(uids that joined, uids that left) by a group delta."""
+    op = delta["op"]
+    if op == "create":
+        return [int(uid) for uid in delta["s"]["m"]], []
+    if op == "add":
+        return [int(uid) for uid in delta["m"]], []
+    if op in ("remove", "disband"):
+        return [], [int(uid) for uid in delta["u"]]
+    return [], []
 
 
 class GroupsRepository:
     def __init__(self, db: Database) -> None:
-        self.groups: Collection = db[GROUPS]
+        self.db = db
+        self.log = RevLog(db, LOG, fold_group, after_commit=self._index_members)
+        self.mine = RevLog(db, MINE, fold_mine, snapshot_every=4)
         self.users: Collection = db[USERS]
-        self.counters: Collection = db[COUNTERS]
+        self.gids = IdBlocks(db[IDS], "gid", size=GID_BLOCK)
+        # Typed groups by key, as of a revision: a big group is converted once per revision.
+        self._groups: dict[str, Group] = {}
 
-    def outbox_collections(self) -> list[Collection]:
-        return [self.groups]
+    # ---- groups ----
 
     async def next_gid(self) -> int:
-        while True:
-            gid = await next_sequence(self.counters, "gid")
-            # An external id (EXTERNAL_GROUP_ID) may already hold this number: skip it.
-            if await self.groups.count_documents({"_id": gid}, limit=1) == 0:
-                return gid
+        return await self.gids.next_id()
 
-    async def insert(self, group: Document, events: Sequence[Event], rid: str) -> None:
-        try:
-            await self.groups.insert_one(new_with_outbox(group, events, rid))
-        except DuplicateKeyError as exc:
-            raise GroupExists(group["_id"]) from exc
+    async def read(self, appid: int, gid: int) -> Versioned:
+        return await self.log.read(group_key(appid, gid))
 
-    async def get(self, appid: int, gid: int) -> Document | None:
-        return await self.groups.find_one(
-            {"_id": gid, "appid": appid, "deleted": False}, {"outbox": 0}
-        )
+    async def get(self, appid: int, gid: int) -> Group | None:
+        """The live group as of its latest revision (one lookup when this process knows it)."""
+        versioned = await self.read(appid, gid)
+        known = self._groups.get(versioned.key)
+        if known is not None and known.revision == versioned.rev:
+            return known
+        group = to_group(versioned)
+        if len(self._groups) >= GROUP_CACHE_SIZE:
+            self._groups.pop(next(iter(self._groups)))
+        if group is None:
+            self._groups.pop(versioned.key, None)
+        else:
+            self._groups[versioned.key] = group
+        return group
 
-    async def list_for(self, appid: int, uid: int) -> list[Document]:
-        return (
-            await self.groups.find(
-                {"appid": appid, "member_uids": uid, "deleted": False}, {"outbox": 0}
-            )
-            .sort("_id", 1)
-            .to_list()
-        )
+    async def list_for(self, appid: int, uid: int) -> list[Group]:
+        mine = await self.mine.read(f"{appid}:{uid}")
+        gids = mine.state["g"] if mine.state else []
+        groups = await asyncio.gather(*(self.get(appid, int(gid)) for gid in gids))
+        return [g for g in groups if g is not None and g.is_member(uid)]
 
-    async def mutate(
-        self,
-        appid: int,
-        gid: int,
-        change: Callable[[Document], Change],
-        rid: str,
-    ) -> tuple[Document, list[Event]]:
-        """Apply ``change(group) -> ($set fields, events)`` atomically against the group's
-        current revision; 400 ``group non exists`` if it is missing (or another app's)."""
-        for _ in range(MAX_ATTEMPTS):
-            doc = await self.get(appid, gid)
-            if doc is None:
-                raise ParleyError(GROUP_NON_EXISTS)
-            sets, events = change(doc)
-            update = with_outbox({"$set": sets, "$inc": {"revision": 1}}, events, rid)
-            written = await self.groups.update_one(
-                {"_id": gid, "appid": appid, "deleted": False, "revision": doc["revision"]},
-                update,
-            )
-            if written.matched_count == 1:
-                return doc, events
-        raise ParleyError("group busy, retry", status=503)
+    async def _index_members(self, revision: Revision) -> None:
+        """After a group revision: record the joins and departures in each user's list."""
+        joined, left = membership_changes(revision.delta)
+        if not joined and not left:
+            return
+        appid, _, gid = revision.key.partition(":")
+        deltas = {f"{appid}:{uid}": {"add": [int(gid)]} for uid in joined}
+        deltas |= {f"{appid}:{uid}": {"remove": [int(gid)]} for uid in left}
+        await self.mine.append_many(deltas)
+
+    async def migrate(self) -> int:
+        """Rewrite groups stored in the previous shape (``groups_groups``: one document per
+        group, updated in place) as logs: revision 1 is the group as it was, with no events
+        (they were published then). Idempotent: a group whose log exists is skipped, and a
+        finished migration leaves a marker so later starts do not read the old collection."""
+        ids: Collection = self.db[IDS]
+        if await ids.find_one({"_id": MIGRATED}) is not None:
+            return 0
+        migrated = 0
+        async for doc in self.db[LEGACY_GROUPS].find({}, {"outbox": 0}):
+            state = legacy_state(doc)
+            key = group_key(state["appid"], state["gid"])
+            try:
+                await self.log.revs.insert_one(
+                    {"_id": f"{key}:1", "d": {"op": "create", "s": state}, "ev": [], "at": utcnow()}
+                )
+            except DuplicateKeyError:
+                continue
+            if not state["deleted"]:
+                await self.mine.append_many(
+                    {f"{state['appid']}:{uid}": {"add": [state["gid"]]} for uid in state["m"]}
+                )
+            migrated += 1
+        with contextlib.suppress(DuplicateKeyError):
+            await ids.insert_one({"_id": MIGRATED, "groups": migrated, "at": utcnow()})
+        return migrated
 
     # ---- the user-name view ----
 
     async def remember_name(self, appid: int, uid: int, name: str, at: datetime) -> None:
         """Keep the newest name seen for a user (older or repeated events change nothing)."""
         key = f"{appid}:{uid}"
-        with contextlib.suppress(DuplicateKeyError):  # the view already holds a newer name
-            await self.users.update_one(
-                {"_id": key, "$or": [{"at": {"$lt": at}}, {"at": {"$exists": False}}]},
-                {"$set": {"appid": appid, "uid": uid, "name": name, "at": at}},
-                upsert=True,
-            )
+        for _ in range(3):
+            doc = await self.users.find_one({"_id": key})
+            if doc is not None and doc.get("at") is not None and doc["at"] >= at:
+                return
+            if doc is None:
+                with contextlib.suppress(DuplicateKeyError):
+                    await self.users.insert_one(
+                        {"_id": key, "appid": appid, "uid": uid, "name": name, "at": at}
+                    )
+                    return
+                continue
+            await self.users.update_one({"_id": key}, {"$set": {"name": name, "at": at}})
+            return
 
     async def names(self, appid: int, uids: Sequence[int]) -> dict[int, str]:
-        if not uids:
-            return {}
-        keys = [f"{appid}:{uid}" for uid in uids]
-        return {
-            int(doc["uid"]): str(doc.get("name", ""))
-            async for doc in self.users.find({"_id": {"$in": keys}})
-        }
+        keys = [f"{appid}:{uid}" for uid in dict.fromkeys(uids)]
+        if len(keys) > NAME_LOOKUPS:
+            # One query instead of thousands of lookups: on the local store it reads the
+            # whole view (its only multi-document read), on MongoDB it is an ``_id`` range.
+            docs = await self.users.find({"_id": {"$in": keys}}).to_list()
+        else:
+            found = await asyncio.gather(*(self.users.find_one({"_id": key}) for key in keys))
+            docs = [d for d in found if d is not None]
+        return {int(d["uid"]): str(d.get("name", "")) for d in docs}
+
+
+def legacy_state(doc: Document) -> Document:
+    """A group document of the previous shape as a state of the log."""
+    return {
+        "appid": doc["appid"],
+        "gid": doc["_id"],
+        "master": doc["master"],
+        "name": doc["name"],
+        "notice": doc.get("notice", ""),
+        "super": bool(doc.get("super")),
+        "deleted": bool(doc.get("deleted")),
+        "m": {
+            str(uid): [m.get("ts", 0), m.get("nickname"), bool(m.get("mute")), bool(m.get("dnd"))]
+            for uid, m in (doc.get("members") or {}).items()
+        },
+    }

@@ -22,15 +22,18 @@ import structlog
 
 from shared.bus import Bus
 from shared.errors import GROUP_NON_EXISTS, ParleyError
-from shared.events import CustomerMessage as CustomerMessageEvent
 from shared.events import (
+    AddedMember,
     Event,
+    GroupChange,
     GroupCreated,
     GroupDisbanded,
     GroupEvent,
     GroupMemberAdded,
     GroupMemberNicknameChanged,
     GroupMemberRemoved,
+    GroupMembersAdded,
+    GroupMembersRemoved,
     GroupMessage,
     GroupNoticeChanged,
     GroupNotificationMessage,
@@ -38,10 +41,12 @@ from shared.events import (
     GroupUpgraded,
     NotificationMessage,
     PeerMessage,
+    RemovedMember,
     RoomMessage,
     SystemMessage,
     utcnow,
 )
+from shared.events import CustomerMessage as CustomerMessageEvent
 from shared.internal import GroupDirectory
 from shared.jsonio import dumps
 from shared.mongo import Document
@@ -364,17 +369,32 @@ class MessagesDomain:
     async def on_group_event(self, event: Event) -> None:
         """Store the group notification a ``group.*`` event calls for (spec §2.6). Replays
         are no-ops: the notification's id is derived from the event's."""
+        if isinstance(event, GroupMembersAdded | GroupMembersRemoved):
+            # These list only the changed members: the recipients are the members now.
+            group = await self.groups.get_group(event.appid, event.gid)
+            built = member_notifications(event, group.members if group is not None else [])
+            for n, (op, recipients, per_inbox) in enumerate(built):
+                await self._notify(event, f"gn-{event.event_id}-{n}", op, recipients, per_inbox)
+            return
         if not isinstance(event, GroupEvent):
             return
-        built = notification_for(event)
-        if built is None:
-            return
-        op, recipients, per_inbox = built
+        one = notification_for(event)
+        if one is not None:
+            await self._notify(event, f"gn-{event.event_id}", *one)
+
+    async def _notify(
+        self,
+        event: GroupChange,
+        msg_id: str,
+        op: dict[str, Any],
+        recipients: list[int],
+        per_inbox: bool,
+    ) -> None:
         if not recipients:
             return  # nobody to notify (e.g. a group created empty): best effort, as the spec says
         await self.post(
             {
-                "_id": f"gn-{event.event_id}",
+                "_id": msg_id,
                 "appid": event.appid,
                 "kind": "group_notification",
                 "gid": event.gid,
@@ -440,6 +460,30 @@ def notification_for(event: GroupEvent) -> tuple[dict[str, Any], list[int], bool
         body = {**named, "nickname": event.nickname, "member_id": event.member_id}
         return {"update_member_nickname": body}, members, False
     return None  # mute and do-not-disturb changes notify nobody
+
+
+def member_notifications(
+    event: GroupMembersAdded | GroupMembersRemoved, members: list[int]
+) -> list[tuple[dict[str, Any], list[int], bool]]:
+    """One ``add_member`` or ``quit_group`` op per listed member (spec S6/S7), each to the
+    group's ``members`` and that member."""
+    named = {"group_id": event.gid, "timestamp": event.timestamp, "group_name": event.name}
+    built: list[tuple[dict[str, Any], list[int], bool]] = []
+    listed: list[AddedMember] | list[RemovedMember]
+    listed = event.added if isinstance(event, GroupMembersAdded) else event.removed
+    for m in listed:
+        body: dict[str, Any] = {**named, "member_id": m.member_id}
+        if m.member_name:
+            body["name"] = m.member_name
+        if m.avatar:
+            body["avatar"] = m.avatar
+        if isinstance(event, GroupMembersAdded):
+            if event.inviter is not None:
+                body["inviter"] = event.inviter
+            built.append(({"add_member": body}, _with(members, m.member_id), False))
+        else:
+            built.append(({"quit_group": body}, _with(members, m.member_id), False))
+    return built
 
 
 def _with(members: list[int], uid: int) -> list[int]:
