@@ -197,12 +197,13 @@ class RevLog:
         derived index whose deltas commute, e.g. set additions). One ``insert_many`` for all
         of them; an entity another writer advanced meanwhile is retried after a re-read."""
         todo = dict(deltas)
+        stale: list[str] = []
         for _ in range(MAX_ATTEMPTS):
             if not todo:
                 return
-            unknown = [key for key in todo if key not in self._cache]
-            if unknown:
-                await asyncio.gather(*(self.read(key) for key in unknown))
+            if stale:  # refused last round: read them (an entity not known here is first
+                # assumed new, so a batch for fresh entities is a single insert)
+                await asyncio.gather(*(self.read(key) for key in stale))
             currents = {key: self._cache.get(key) or Versioned(key, 0, None) for key in todo}
             keys = list(todo)
             docs = [
@@ -219,10 +220,11 @@ class RevLog:
                     failed.add(int(error["index"]))
             retry: dict[str, Document] = {}
             heads: list[Versioned] = []
+            stale = []
             for index, key in enumerate(keys):
                 current = currents[key]
                 if index in failed:
-                    self._cache.pop(key, None)  # re-read from the store on the next round
+                    stale.append(key)
                     retry[key] = todo[key]
                     continue
                 after = Versioned(key, current.rev + 1, self._fold(current.state, todo[key]))
