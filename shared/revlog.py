@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -102,7 +103,14 @@ class RevLog:
         self._fold = fold
         self._snapshot_every = snapshot_every
         self._cache: OrderedDict[str, Versioned] = OrderedDict()
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self.after_commit = after_commit
+
+    def _lock(self, key: str) -> asyncio.Lock:
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = asyncio.Lock()
+        return lock
 
     # ---- reading ----
 
@@ -158,7 +166,21 @@ class RevLog:
         the newer state when another writer got there first. ``compute`` may raise (a refused
         change writes nothing) or return None (nothing to change). Publishes the events.
         ``new``: the entity is expected not to exist, so it is not read first (if it does, the
-        insert of revision 1 fails and ``compute`` sees the real state)."""
+        insert of revision 1 fails and ``compute`` sees the real state).
+
+        Writers of one entity in this process take turns (and publish in revision order);
+        writers in other processes are kept apart by the revision's unique ``_id`` alone."""
+        async with self._lock(key):
+            return await self._change(key, compute, bus, request_id, new)
+
+    async def _change(
+        self,
+        key: str,
+        compute: Callable[[Versioned], tuple[Document, Sequence[Event]] | None],
+        bus: Bus | None,
+        request_id: str,
+        new: bool,
+    ) -> tuple[Versioned, Revision | None]:
         current = self._cache.get(key)
         if current is None:
             current = Versioned(key, 0, None) if new else await self.read(key)
@@ -196,6 +218,12 @@ class RevLog:
         """Append one delta to each of many entities, unconditionally and without events (a
         derived index whose deltas commute, e.g. set additions). One ``insert_many`` for all
         of them; an entity another writer advanced meanwhile is retried after a re-read."""
+        async with contextlib.AsyncExitStack() as held:
+            for key in sorted(deltas):  # sorted: no two callers wait for each other in a cycle
+                await held.enter_async_context(self._lock(key))
+            await self._append_many(deltas)
+
+    async def _append_many(self, deltas: dict[str, Document]) -> None:
         todo = dict(deltas)
         stale: list[str] = []
         for _ in range(MAX_ATTEMPTS):

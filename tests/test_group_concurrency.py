@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from services.groups.repository import GroupsRepository
-from shared.events import GroupCreated, GroupMembersAdded
+from shared.events import Event, GroupCreated, GroupMembersAdded
 
 from .conftest import App, Stack, distributed_stack, stack_settings
 
@@ -30,10 +30,15 @@ async def two_replicas(mongo_url: str, amqp_url: str, workdir: Path) -> AsyncIte
 
 
 @pytest.fixture(params=["local", "two-replicas"])
-async def any_stack(request: pytest.FixtureRequest) -> Stack:
+def any_stack(request: pytest.FixtureRequest) -> Stack:
     name = "local_stack" if request.param == "local" else "two_replicas"
     stack: Stack = request.getfixturevalue(name)
     return stack
+
+
+def distinct(events: list[Event]) -> list[Event]:
+    """Events are at-least-once: a slow change may also be published by the relay."""
+    return list({e.event_id: e for e in events}.values())
 
 
 async def post(stack: Stack, app: App, method: str, path: str, body: Any) -> tuple[int, Any]:
@@ -55,8 +60,9 @@ async def test_concurrent_creates_get_distinct_ids(any_stack: Stack) -> None:
 
     async with stack.recorder(app.appid, "group.created") as events:
         await asyncio.gather(*(client() for _ in range(CLIENTS)))
-        created = await events.wait_for(CREATES, timeout=60)
-    assert [status for status, _ in answers] == [200] * CREATES
+        await events.wait_for(CREATES, timeout=60)
+        created = distinct(await events.settle())
+    assert [a for a in answers if a[0] != 200] == []
     gids = [reply["data"]["group_id"] for _, reply in answers]
     assert len(set(gids)) == CREATES
     assert sorted(e.gid for e in created if isinstance(e, GroupCreated)) == sorted(gids)
@@ -76,8 +82,9 @@ async def test_concurrent_adds_keep_every_member(any_stack: Stack) -> None:
         answers = await asyncio.gather(
             *(post(stack, app, "POST", f"/groups/{gid}/members", [uid]) for uid in newcomers)
         )
-        assert [status for status, _ in answers] == [200] * ADDS
-        added = await events.wait_for(ADDS, timeout=30)
+        assert [a for a in answers if a[0] != 200] == []
+        await events.wait_for(ADDS, timeout=120)
+        added = distinct(await events.settle())
     group = await GroupsRepository(stack.db).get(app.appid, gid)
     assert group is not None and group.uids == [1, *newcomers]
     assert (
@@ -85,7 +92,7 @@ async def test_concurrent_adds_keep_every_member(any_stack: Stack) -> None:
         == newcomers
     )
     # Every add_member notification reached the first member: 1 create + 40 adds.
-    await stack.wait_inbox(app.appid, "u:1", 1 + ADDS, timeout=30)
+    await stack.wait_inbox(app.appid, "u:1", 1 + ADDS, timeout=120)
 
 
 async def test_concurrent_changes_keep_the_last_acknowledged_values(any_stack: Stack) -> None:
@@ -107,20 +114,20 @@ async def test_concurrent_changes_keep_the_last_acknowledged_values(any_stack: S
     async def renamer(n: int) -> None:
         for i in range(5):
             name = f"name-{n}-{i}"
-            status, _ = await post(stack, app, "PATCH", f"/groups/{gid}", {"name": name})
-            assert status == 200
+            status, reply = await post(stack, app, "PATCH", f"/groups/{gid}", {"name": name})
+            assert status == 200, reply
             names.append(name)
             notice = f"notice-{n}-{i}"
-            status, _ = await post(stack, app, "PATCH", f"/groups/{gid}", {"notice": notice})
-            assert status == 200
+            status, reply = await post(stack, app, "PATCH", f"/groups/{gid}", {"notice": notice})
+            assert status == 200, reply
             notices.append(notice)
 
     async def member(uid: int) -> None:
         for i in range(5):
             nickname = f"nick-{uid}-{i}"
             body = {"nickname": nickname, "mute": i % 2 == 0}
-            status, _ = await post(stack, app, "PATCH", f"/groups/{gid}/members/{uid}", body)
-            assert status == 200
+            status, reply = await post(stack, app, "PATCH", f"/groups/{gid}/members/{uid}", body)
+            assert status == 200, reply
             last_nickname[uid] = nickname
             await asyncio.sleep(random.random() / 100)
 
@@ -128,7 +135,7 @@ async def test_concurrent_changes_keep_the_last_acknowledged_values(any_stack: S
         await asyncio.gather(*(renamer(n) for n in range(4)), *(member(uid) for uid in members))
         expected = 4 * 5 * 2 + len(members) * 5 * 2
         await events.wait_for(expected, timeout=30)
-        assert len(await events.settle()) == expected
+        assert len(distinct(await events.settle())) == expected
     group = await GroupsRepository(stack.db).get(app.appid, gid)
     assert group is not None
     # Each renamer changes sequentially, so the final value is one of their last ones: no
