@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 
+from parley.benchcost import CostMeter, preload
 from shared.bus import RabbitBus
 from shared.events import Event, GroupMessage, PeerMessage, TokenGranted
 
@@ -54,7 +55,7 @@ class Result:
                 if self.lags
                 else None
             ),
-            **{k: round(v, 1) for k, v in self.extra.items()},
+            **{k: round(v, 2) for k, v in self.extra.items()},
         }
 
 
@@ -77,6 +78,9 @@ class Bench:
         amqp_url: str | None,
         exchange: str,
         quiet: bool,
+        cost: CostMeter | None = None,
+        preload_users: int = 0,
+        preload_messages: int = 0,
     ) -> None:
         self.url = url.rstrip("/")
         self.appid = appid
@@ -90,6 +94,9 @@ class Bench:
         self.sent: dict[str, float] = {}  # event marker -> when its request got its 200
         self.received: dict[str, float] = {}  # event marker -> when its event arrived
         self.http: aiohttp.ClientSession
+        self.cost = cost
+        self.preload_users = preload_users
+        self.preload_messages = preload_messages
 
     # ---- plumbing ----
 
@@ -118,6 +125,11 @@ class Bench:
             for marker, sent in self.sent.items()
             if marker.startswith(prefix) and marker in self.received
         ]
+
+    def preload_note(self, text: str, done: bool) -> None:
+        if not self.quiet:
+            sys.stderr.write(f"\r{text}   " + ("\n" if done else ""))
+            sys.stderr.flush()
 
     def progress(self, family: str, started: float, result: Result) -> None:
         if self.quiet:
@@ -159,10 +171,14 @@ class Bench:
                 self.progress(family, started, result)
                 await asyncio.sleep(0.5)
 
+        if self.cost is not None:
+            await self.cost.start(self.http)
         tick = asyncio.create_task(ticker())
         await asyncio.gather(*(worker(w) for w in range(self.concurrency)))
         result.seconds = time.perf_counter() - started
         tick.cancel()
+        if self.cost is not None:
+            result.extra.update(await self.cost.finish(self.http, result.requests))
         self.progress(family, started, result)
         if not self.quiet:
             sys.stderr.write("\n")
@@ -224,6 +240,15 @@ class Bench:
                     durable=False,
                 )
             try:
+                if self.preload_users or self.preload_messages:
+                    await preload(
+                        self.call,
+                        self.server,
+                        users=self.preload_users,
+                        messages=self.preload_messages,
+                        concurrency=self.concurrency,
+                        note=self.preload_note,
+                    )
                 state = await self.setup(families)
                 results = [await self.family(name, state) for name in families]
                 await asyncio.sleep(2)  # late events

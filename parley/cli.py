@@ -11,6 +11,7 @@ import hashlib
 import json
 import signal
 import sys
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from parley.allinone import SERVICE_FACTORIES, create_allinone_app
+from parley.benchcost import CostMeter
 from parley.deploy import render_compose_nginx, render_k8s
 from parley.servers import ServerError, start_ferretdb
 from services.auth.domain import AuthDomain
@@ -235,6 +237,33 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cost_meter(args: argparse.Namespace) -> CostMeter | None:
+    """The processes to watch: ``--watch NAME=PID`` and ``--watch-port NAME=PORT``; by
+    default whatever listens on the bench URL's port (``parley``) and, when it is local, on
+    the store's port (``store``)."""
+    from parley.benchcost import listeners, process_name
+
+    pids: dict[str, int] = {}
+    for spec in args.watch:
+        name, _, pid = spec.partition("=")
+        pids[name] = int(pid)
+    ports = [spec.partition("=") for spec in args.watch_port]
+    if not args.watch and not ports:
+        url = urllib.parse.urlsplit(args.url)
+        ports = [("parley", "=", str(url.port or 80))]
+        if args.mongo_url:
+            store = urllib.parse.urlsplit(args.mongo_url)
+            ports.append(("store", "=", str(store.port or 27017)))
+    for name, _, port in ports:
+        found = listeners(int(port))
+        for n, pid in enumerate(found):
+            pids[name if len(found) == 1 else f"{name}.{process_name(pid)}.{n}"] = pid
+    metrics = list(args.metrics_url) or [args.url.rstrip("/") + "/metrics"]
+    if not pids and not args.metrics_url:
+        return None
+    return CostMeter(pids, [] if args.no_metrics else metrics)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from parley.bench import FAMILIES, Bench, table
 
@@ -259,6 +288,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         amqp_url=args.amqp_url,
         exchange=settings.amqp_exchange,
         quiet=args.json,
+        cost=_cost_meter(args),
+        preload_users=args.preload_users or (20_000 if args.preload else 0),
+        preload_messages=args.preload_messages or (50_000 if args.preload else 0),
     )
     results = asyncio.run(bench.run(families))
     if args.json:
@@ -443,6 +475,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--families", default=",".join(("grant", "groups", "peer", "group", "history"))
     )
     bench.add_argument("--json", action="store_true")
+    bench.add_argument(
+        "--preload",
+        action="store_true",
+        help="fill the store first: 20,000 users, 50,000 messages (100,000+ inbox entries)",
+    )
+    bench.add_argument("--preload-users", type=int, default=0, help="users to grant first")
+    bench.add_argument("--preload-messages", type=int, default=0, help="messages to send first")
+    bench.add_argument(
+        "--watch",
+        action="append",
+        default=[],
+        metavar="NAME=PID",
+        help="a process whose CPU per request to report (repeatable)",
+    )
+    bench.add_argument(
+        "--watch-port",
+        action="append",
+        default=[],
+        metavar="NAME=PORT",
+        help="watch the processes listening on PORT (default: the URL's and the store's)",
+    )
+    bench.add_argument(
+        "--metrics-url",
+        action="append",
+        default=[],
+        help="/metrics to count store commands from (repeatable; default: URL/metrics)",
+    )
+    bench.add_argument("--no-metrics", action="store_true", help="do not count store commands")
     bench.set_defaults(func=cmd_bench)
 
     deploy = sub.add_parser(
