@@ -155,6 +155,9 @@ async def _print_welcome(settings: Settings) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args, insecure_internal=True if args.insecure_internal else None)
     configure_logging(json=settings.log_json, level=settings.log_level)
+    if not settings.amqp_url:
+        print("parley serve: --amqp-url (or PARLEY_AMQP_URL) is required", file=sys.stderr)
+        return 2
     if len(settings.internal_secret.encode()) < INTERNAL_SECRET_MIN_BYTES:
         if not settings.insecure_internal:
             print(
@@ -168,9 +171,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
             + ("open to every caller" if not settings.internal_secret else "on a short secret"),
             file=sys.stderr,
         )
-    if not settings.amqp_url:
-        print("parley serve: --amqp-url (or PARLEY_AMQP_URL) is required", file=sys.stderr)
-        return 2
     factory = SERVICE_FACTORIES.get(args.service)
     if factory is None:
         print(f"parley serve: service {args.service!r} is not built yet", file=sys.stderr)
