@@ -54,7 +54,7 @@ def port_open(host: str, port: int) -> bool:
 def private_dir(path: Path) -> Path:
     """``path`` created if missing, and everything in it made private to this user: the
     directories 0700, the files 0600 (what an earlier run left with wider modes included)."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _mkdirs(path)
     for root, _dirs, files in os.walk(path):
         os.chmod(root, 0o700)
         for name in files:
@@ -62,6 +62,16 @@ def private_dir(path: Path) -> Path:
             if not os.path.islink(file):
                 os.chmod(file, 0o600)
     return path
+
+
+def _mkdirs(path: Path) -> None:
+    """``path`` and its missing parents, each created 0700 (existing ones left alone)."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        directory.mkdir(mode=0o700, exist_ok=True)
 
 
 def _private_file(path: Path, text: str) -> None:
@@ -155,7 +165,7 @@ def _spawn(
 ) -> Process:
     """``argv`` in its own session, working in ``cwd`` (its data directory) with umask 077,
     its output appended to ``log_path`` (0600)."""
-    log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _mkdirs(log_path.parent)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     with os.fdopen(fd, "ab") as log:
         popen = subprocess.Popen(
@@ -254,6 +264,7 @@ def start_rabbitmq(base_dir: Path, port: int, *, timeout: float = 90.0) -> Proce
         [epmd_bin, "-address", "127.0.0.1", "-port", str(epmd_port)],
         base_dir / "epmd.log",
         cwd=base_dir,
+        env={**os.environ, "HOME": str(base_dir)},
     )
     _wait(epmd, lambda: port_open("127.0.0.1", epmd_port), 10.0, "epmd")
 
