@@ -21,7 +21,7 @@ from aiohttp import web
 from parley.allinone import SERVICE_FACTORIES, create_allinone_app
 from parley.benchcost import CostMeter
 from parley.deploy import render_compose_nginx, render_k8s
-from parley.servers import ServerError, start_ferretdb
+from parley.servers import ServerError, private_dir, start_ferretdb
 from services.auth.domain import AuthDomain
 from services.auth.repository import INDEXES as AUTH_INDEXES
 from services.auth.repository import AuthRepository
@@ -32,7 +32,12 @@ from shared.gateway import render_ingress, render_nginx
 from shared.logs import configure_logging
 from shared.mongo import ensure_indexes, make_client
 from shared.routing import SERVICES
-from shared.settings import EMBEDDED_MONGO_ADDR, Settings, split_addr
+from shared.settings import (
+    EMBEDDED_MONGO_ADDR,
+    INTERNAL_SECRET_MIN_BYTES,
+    Settings,
+    split_addr,
+)
 
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
@@ -83,7 +88,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     ferret = None
     extra: dict[str, Any] = {}
     if args.mongo_url is None:
-        data_dir = Path(args.data).resolve()
+        data_dir = private_dir(Path(args.data).resolve())
         try:
             ferret = start_ferretdb(
                 data_dir / "mongo",
@@ -150,11 +155,24 @@ async def _print_welcome(settings: Settings) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = _settings(args, insecure_internal=True if args.insecure_internal else None)
     configure_logging(json=settings.log_json, level=settings.log_level)
     if not settings.amqp_url:
         print("parley serve: --amqp-url (or PARLEY_AMQP_URL) is required", file=sys.stderr)
         return 2
+    if len(settings.internal_secret.encode()) < INTERNAL_SECRET_MIN_BYTES:
+        if not settings.insecure_internal:
+            print(
+                f"parley serve: PARLEY_INTERNAL_SECRET must be set to at least "
+                f"{INTERNAL_SECRET_MIN_BYTES} random bytes (or pass --insecure-internal)",
+                file=sys.stderr,
+            )
+            return 2
+        print(
+            "parley serve: --insecure-internal: the internal API (/internal/*) is "
+            + ("open to every caller" if not settings.internal_secret else "on a short secret"),
+            file=sys.stderr,
+        )
     factory = SERVICE_FACTORIES.get(args.service)
     if factory is None:
         print(f"parley serve: service {args.service!r} is not built yet", file=sys.stderr)
@@ -197,7 +215,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     from parley.servers import free_port, start_rabbitmq
 
     configure_logging(level="warning")
-    data = Path(args.data).resolve()
+    data = private_dir(Path(args.data).resolve())
     started = []
     try:
         mongo_url = args.mongo_url
@@ -326,6 +344,7 @@ def cmd_deploy_config(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_text(text)
         print(out / name)
     return 0
@@ -436,6 +455,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--mongo-url", default=None)
     serve.add_argument("--amqp-url", default=None)
     serve.add_argument("--auth-url", default=None, help="the auth service's base URL")
+    serve.add_argument(
+        "--insecure-internal",
+        action="store_true",
+        help="start without a PARLEY_INTERNAL_SECRET of at least "
+        f"{INTERNAL_SECRET_MIN_BYTES} bytes (without one, /internal/* is open to every caller)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     gateway = sub.add_parser("gateway-config", help="render the edge configuration")

@@ -5,6 +5,7 @@ and ``parley cluster`` (for trying the distributed mode and benchmarking it) use
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,9 @@ from shared.settings import Settings, split_addr
 @dataclass
 class Cluster:
     edge_url: str
+    # The services' shared internal secret (PARLEY_INTERNAL_SECRET): the settings' own, or a
+    # random one made for this cluster.
+    internal_secret: str
     processes: list[Process] = field(default_factory=list)
 
     def stop(self) -> None:
@@ -40,6 +44,7 @@ def start_cluster(
     ports = {s: [free_port() for _ in range(replicas.get(s, 1))] for s in SERVICES}
     internal = {s: free_port() for s in SERVICES}
     edge_host, edge_port = split_addr(edge_addr) if edge_addr else ("127.0.0.1", free_port())
+    internal_secret = settings.internal_secret or secrets.token_urlsafe(32)
     env = {
         "PARLEY_MONGO_URL": settings.mongo_url,
         "PARLEY_MONGO_DB": settings.mongo_db,
@@ -48,7 +53,7 @@ def start_cluster(
         "PARLEY_AUTH_URL": f"http://127.0.0.1:{internal['auth']}",
         "PARLEY_GROUPS_URL": f"http://127.0.0.1:{internal['groups']}",
         "PARLEY_CUSTOMER_URL": f"http://127.0.0.1:{internal['customer']}",
-        "PARLEY_INTERNAL_SECRET": settings.internal_secret or "parley-cluster-internal",
+        "PARLEY_INTERNAL_SECRET": internal_secret,
         "PARLEY_OUTBOX_RELAY_INTERVAL": str(settings.outbox_relay_interval),
         "PARLEY_OUTBOX_GRACE": str(settings.outbox_grace),
         "PARLEY_PUBLISH_TIMEOUT": str(settings.publish_timeout),
@@ -56,7 +61,7 @@ def start_cluster(
         "PARLEY_LOG_LEVEL": log_level,
     }
     upstreams = {s: [f"127.0.0.1:{p}" for p in ports[s]] for s in SERVICES}
-    cluster = Cluster(f"http://{edge_host}:{edge_port}")
+    cluster = Cluster(f"http://{edge_host}:{edge_port}", internal_secret)
     try:
         cluster.processes.append(
             start_nginx(

@@ -53,13 +53,20 @@ def _config_map() -> dict[str, Any]:
     }
 
 
+# The Secret's example, kept out of the directory the README's steps apply: applying it over
+# a real Secret would replace real credentials with these placeholders.
+SECRET_EXAMPLE = "example/secret.yaml"
+
+
 def _secret() -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": _meta("parley-secrets"),
         "type": "Opaque",
-        # Replace before applying (or manage with your secret store): see README, "Kubernetes".
+        # An example: copy it, fill it in, apply the copy (or create the Secret with kubectl or
+        # your secret store; see README, "Kubernetes"). `parley serve` refuses to start with
+        # this PARLEY_INTERNAL_SECRET (it needs at least 32 bytes).
         "stringData": {
             "PARLEY_MONGO_URL": "mongodb://parley:CHANGE-ME@mongodb:27017/?authSource=admin",
             "PARLEY_AMQP_URL": "amqp://parley:CHANGE-ME@rabbitmq:5672/",
@@ -153,9 +160,18 @@ def _hpa(service: str) -> dict[str, Any]:
     }
 
 
+# The ingress controller's pods (ingress-nginx's own labels, in its namespace).
+INGRESS_CONTROLLER = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}},
+    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "ingress-nginx"}},
+}
+
+
 def _network_policies() -> list[dict[str, Any]]:
-    """Parley's pods accept traffic only from the ingress controller and from each other;
-    their egress is left open (MongoDB and RabbitMQ may live anywhere)."""
+    """Parley's pods accept traffic only from the ingress controller's pods and from each
+    other; their egress is left open (MongoDB and RabbitMQ may live anywhere). The service
+    port also carries the internal API: the controller never forwards ``/internal`` (see
+    ``_closed_ingress``), so only Parley's own pods reach it."""
     pods = {"matchLabels": PART_OF}
     return [
         {
@@ -173,20 +189,49 @@ def _network_policies() -> list[dict[str, Any]]:
                 "policyTypes": ["Ingress"],
                 "ingress": [
                     {
-                        "from": [
-                            {
-                                "namespaceSelector": {
-                                    "matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}
-                                }
-                            },
-                            {"podSelector": pods},
-                        ],
+                        "from": [INGRESS_CONTROLLER, {"podSelector": pods}],
                         "ports": [{"protocol": "TCP", "port": PORT}],
                     }
                 ],
             },
         },
     ]
+
+
+# Path prefixes of a service port that are for Parley's pods only.
+CLOSED_PREFIXES = ("/internal",)
+
+
+def _closed_ingress() -> dict[str, Any]:
+    """An Ingress that claims the internal prefixes and refuses them to every address
+    (ingress-nginx's deny list), so the main Ingress's default backend never forwards them."""
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "Ingress",
+        "metadata": {
+            **_meta("parley-closed"),
+            "annotations": {"nginx.ingress.kubernetes.io/denylist-source-range": "0.0.0.0/0,::/0"},
+        },
+        "spec": {
+            "ingressClassName": "nginx",
+            "rules": [
+                {
+                    "http": {
+                        "paths": [
+                            {
+                                "path": prefix,
+                                "pathType": "Prefix",
+                                "backend": {
+                                    "service": {"name": "parley-auth", "port": {"number": PORT}}
+                                },
+                            }
+                            for prefix in CLOSED_PREFIXES
+                        ]
+                    }
+                }
+            ],
+        },
+    }
 
 
 def render_k8s() -> dict[str, str]:
@@ -203,17 +248,26 @@ def render_k8s() -> dict[str, str]:
     }
     return {
         "namespace.yaml": dump(namespace),
-        "config.yaml": dump(_config_map(), _secret()),
+        "config.yaml": dump(_config_map()),
+        SECRET_EXAMPLE: dump(_secret()),
         "services.yaml": dump(*(d for s in SERVICES for d in (_deployment(s), _service(s)))),
         "autoscaling.yaml": dump(*(_hpa(s) for s in SERVICES)),
         "network-policies.yaml": dump(*_network_policies()),
         "ingress.yaml": render_ingress(namespace=NAMESPACE, port=PORT),
+        "ingress-closed.yaml": dump(_closed_ingress()),
     }
 
 
+# Docker's embedded DNS server, on every user-defined network.
+DOCKER_DNS = "127.0.0.11"
+
+
 def render_compose_nginx() -> str:
-    """The edge configuration docker-compose mounts: every service by its compose name."""
-    return render_nginx({s: [f"{s}:{PORT}"] for s in SERVICES}, listen=f"0.0.0.0:{PORT}")
+    """The edge configuration docker-compose mounts: every service by its compose name, looked
+    up again through Docker's DNS as it expires, so scaled replicas get traffic."""
+    return render_nginx(
+        {s: [f"{s}:{PORT}"] for s in SERVICES}, listen=f"0.0.0.0:{PORT}", resolver=DOCKER_DNS
+    )
 
 
 def render_service_balancer(upstreams: dict[str, list[str]], listens: dict[str, str]) -> str:

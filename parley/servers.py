@@ -3,11 +3,17 @@ MongoDB-compatible server of ``parley run``) and, for tests, RabbitMQ and nginx.
 
 Each start waits on a protocol probe (a MongoDB ``ping``, an AMQP connection, an HTTP answer),
 never on a sleep, and each stop terminates the process and waits for it.
+
+Every server runs inside its data directory (its working directory, so anything it drops
+there, crash dumps included, stays there), with umask 077: the directory is 0700 and its
+files 0600. RabbitMQ listens on loopback only, its Erlang distribution and its own epmd too,
+with a random cookie and a dedicated user with a random password (no ``guest``).
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -24,6 +30,9 @@ FERRETDB_SOURCE = REPO_ROOT / "tools" / "ferretdb"
 FERRETDB_NAME = "parley-ferretdb"
 LOCAL_BIN = REPO_ROOT / ".parley" / "bin"
 RABBITMQ_SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
+RABBITMQ_USER = "parley"
+# What an earlier Parley wrote as every node's cookie; a node that finds it gets a new one.
+OLD_COOKIE = "PARLEYTESTCOOKIE"
 
 
 class ServerError(RuntimeError):
@@ -40,6 +49,50 @@ def port_open(host: str, port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.2)
         return sock.connect_ex((host, port)) == 0
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` created if missing, and everything in it made private to this user: the
+    directories 0700, the files 0600 (what an earlier run left with wider modes included)."""
+    _mkdirs(path)
+    for root, _dirs, files in os.walk(path):
+        os.chmod(root, 0o700)
+        for name in files:
+            file = os.path.join(root, name)
+            if not os.path.islink(file):
+                os.chmod(file, 0o600)
+    return path
+
+
+def _mkdirs(path: Path) -> None:
+    """``path`` and its missing parents, each created 0700 (existing ones left alone)."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        directory.mkdir(mode=0o700, exist_ok=True)
+
+
+def _private_file(path: Path, text: str) -> None:
+    """Writes ``text`` to a file readable by this user only (0600 from its creation)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(text)
+    path.chmod(0o600)
+
+
+def _kept_secret(path: Path, make: str, refuse: str = "") -> str:
+    """The secret stored in ``path`` (0600), or ``make`` stored there now."""
+    try:
+        value = path.read_text().strip()
+    except FileNotFoundError:
+        value = ""
+    if not value or value == refuse:
+        _private_file(path, make)
+        return make
+    path.chmod(0o600)
+    return value
 
 
 def find_ferretdb(build: bool = True) -> Path:
@@ -75,21 +128,26 @@ class Process:
     popen: subprocess.Popen[bytes]
     log_path: Path
     extra: dict[str, str] = field(default_factory=dict)
+    # Helpers started for this process (RabbitMQ's epmd), stopped after it.
+    companions: list[Process] = field(default_factory=list)
 
     def stop(self, timeout: float = 20.0) -> None:
-        if self.popen.poll() is not None:
-            return
-        self.popen.send_signal(signal.SIGTERM)
-        try:
-            self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait(5)
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        for companion in self.companions:
+            companion.stop(timeout)
 
     def kill(self) -> None:
         if self.popen.poll() is None:
             self.popen.kill()
             self.popen.wait(5)
+        for companion in self.companions:
+            companion.kill()
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -102,11 +160,14 @@ def _spawn(
     name: str,
     argv: list[str],
     log_path: Path,
+    cwd: Path,
     env: dict[str, str] | None = None,
-    cwd: Path | None = None,
 ) -> Process:
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
+    """``argv`` in its own session, working in ``cwd`` (its data directory) with umask 077,
+    its output appended to ``log_path`` (0600)."""
+    _mkdirs(log_path.parent)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "ab") as log:
         popen = subprocess.Popen(
             argv,
             stdout=log,
@@ -114,6 +175,7 @@ def _spawn(
             env=env,
             cwd=cwd,
             start_new_session=True,
+            umask=0o077,
         )
     return Process(name, popen, log_path)
 
@@ -148,11 +210,11 @@ def start_ferretdb(
             "Pick another --embedded-mongo-addr, or pass --mongo-url."
         )
     binary = find_ferretdb()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(data_dir)
     argv = [str(binary), "--listen-addr", addr, "--sqlite-url", f"file:{data_dir}/"]
     if postgresql_url:
         argv += ["--postgresql-url", postgresql_url]
-    process = _spawn("ferretdb", argv, data_dir / "ferretdb.log")
+    process = _spawn("ferretdb", argv, data_dir / "ferretdb.log", cwd=data_dir)
 
     def ping() -> bool:
         client: MongoClient[dict[str, object]] = MongoClient(
@@ -169,15 +231,43 @@ def start_ferretdb(
 
 
 def start_rabbitmq(base_dir: Path, port: int, *, timeout: float = 90.0) -> Process:
-    """A private RabbitMQ node (its own name, port and files) run from Debian's package."""
+    """A private RabbitMQ node (its own name, port and files) run from Debian's package.
+
+    Everything it opens listens on 127.0.0.1: AMQP, the Erlang distribution port, and an
+    epmd of its own on a private port (stopped with the node). Its cookie and the password of
+    its one user (``parley``) are random, made on the first start and kept, 0600, in
+    ``base_dir`` (``.erlang.cookie``, ``amqp-password``); ``extra["url"]`` carries them."""
     if not RABBITMQ_SERVER.exists():
         raise ServerError("rabbitmq-server is not installed (apt-get install rabbitmq-server)")
-    base_dir.mkdir(parents=True, exist_ok=True)
-    (base_dir / "enabled_plugins").write_text("[].\n")
-    cookie = base_dir / ".erlang.cookie"
-    if not cookie.exists():
-        cookie.write_text("PARLEYTESTCOOKIE")
-        cookie.chmod(0o400)
+    epmd_bin = shutil.which("epmd") or "/usr/bin/epmd"
+    private_dir(base_dir)
+    if (base_dir / "mnesia").exists() and not (base_dir / "amqp-password").exists():
+        raise ServerError(
+            f"{base_dir} holds a RabbitMQ node made by an earlier Parley (with the guest "
+            "user); remove that directory to start a new node"
+        )
+    _kept_secret(base_dir / ".erlang.cookie", secrets.token_hex(32), refuse=OLD_COOKIE)
+    password = _kept_secret(base_dir / "amqp-password", secrets.token_hex(24))
+    _private_file(base_dir / "enabled_plugins", "[].\n")
+    _private_file(
+        base_dir / "rabbitmq.conf",
+        "log.console = true\n"
+        "log.file = false\n"
+        f"default_user = {RABBITMQ_USER}\n"
+        f"default_pass = {password}\n"
+        f"loopback_users.{RABBITMQ_USER} = true\n",
+    )
+
+    epmd_port = free_port()
+    epmd = _spawn(
+        "epmd",
+        [epmd_bin, "-address", "127.0.0.1", "-port", str(epmd_port)],
+        base_dir / "epmd.log",
+        cwd=base_dir,
+        env={**os.environ, "HOME": str(base_dir)},
+    )
+    _wait(epmd, lambda: port_open("127.0.0.1", epmd_port), 10.0, "epmd")
+
     node = f"parley{port}@localhost"
     env = {
         **os.environ,
@@ -186,6 +276,12 @@ def start_rabbitmq(base_dir: Path, port: int, *, timeout: float = 90.0) -> Proce
         "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
         "RABBITMQ_NODE_PORT": str(port),
         "RABBITMQ_DIST_PORT": str(free_port()),
+        # Every Erlang VM started with this environment (the node, and the short-lived ones
+        # RabbitMQ's scripts start) binds its distribution port to loopback and finds this
+        # node's own epmd, which listens on loopback only.
+        "ERL_FLAGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+        "ERL_EPMD_ADDRESS": "127.0.0.1",
+        "ERL_EPMD_PORT": str(epmd_port),
         "ERL_CRASH_DUMP": str(base_dir / "erl_crash.dump"),
         "RABBITMQ_MNESIA_BASE": str(base_dir / "mnesia"),
         "RABBITMQ_LOG_BASE": str(base_dir / "log"),
@@ -193,20 +289,31 @@ def start_rabbitmq(base_dir: Path, port: int, *, timeout: float = 90.0) -> Proce
         "RABBITMQ_CONFIG_FILE": str(base_dir / "rabbitmq"),
         "RABBITMQ_PID_FILE": str(base_dir / "rabbitmq.pid"),
     }
-    (base_dir / "rabbitmq.conf").write_text("log.console = true\nlog.file = false\n")
-    process = _spawn("rabbitmq", [str(RABBITMQ_SERVER)], base_dir / "rabbitmq.out", env=env)
-    process.extra["url"] = f"amqp://guest:guest@127.0.0.1:{port}/"
+    try:
+        process = _spawn(
+            "rabbitmq", [str(RABBITMQ_SERVER)], base_dir / "rabbitmq.out", cwd=base_dir, env=env
+        )
+    except BaseException:
+        epmd.stop()
+        raise
+    process.companions.append(epmd)
+    process.extra["url"] = f"amqp://{RABBITMQ_USER}:{password}@127.0.0.1:{port}/"
     process.extra["node"] = node
     process.extra["base_dir"] = str(base_dir)
     process.extra["port"] = str(port)
+    process.extra["epmd_port"] = str(epmd_port)
 
-    _wait(process, lambda: amqp_probe("127.0.0.1", port), timeout, "RabbitMQ")
+    try:
+        _wait(process, lambda: amqp_probe("127.0.0.1", port), timeout, "RabbitMQ")
+    except BaseException:
+        process.stop()
+        raise
     return process
 
 
 def restart_rabbitmq(process: Process) -> Process:
     """Stop the node and start it again on the same port and files (its durable queues and
-    persistent messages survive)."""
+    persistent messages survive; its cookie and credentials are the same)."""
     process.stop()
     return start_rabbitmq(Path(process.extra["base_dir"]), int(process.extra["port"]))
 
@@ -223,13 +330,14 @@ def start_nginx(config_text: str, work_dir: Path, port: int, *, timeout: float =
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     if not Path(nginx).exists():
         raise ServerError("nginx is not installed (apt-get install nginx-light)")
-    work_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(work_dir)
     config = work_dir / "nginx.conf"
-    config.write_text(config_text)
+    _private_file(config, config_text)
     process = _spawn(
         "nginx",
         [nginx, "-p", str(work_dir), "-c", str(config), "-g", "daemon off; user root;"],
         work_dir / "nginx.out",
+        cwd=work_dir,
     )
     _wait(process, lambda: port_open("127.0.0.1", port), timeout, "nginx")
     return process
@@ -247,13 +355,14 @@ def start_service(
         f"parley-{service}",
         [*argv, "serve", service, "--http-addr", f"127.0.0.1:{port}"],
         log_path,
-        env={**os.environ, **env},
-        cwd=REPO_ROOT,
+        cwd=log_path.parent,
+        env={"PYTHONPATH": str(REPO_ROOT), **os.environ, **env},
     )
 
     def healthy() -> bool:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as resp:
             return bool(resp.status == 200)
 
+    process.extra["url"] = f"http://127.0.0.1:{port}"
     _wait(process, healthy, timeout, f"parley serve {service}")
     return process

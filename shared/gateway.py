@@ -18,9 +18,15 @@ NOT_FOUND_BODY = '{"meta":{"code":404}}'
 UNAVAILABLE_BODY = '{"meta":{"code":503,"message":"service unavailable"}}'
 
 
-def render_nginx(upstreams: Mapping[str, list[str]], listen: str = "0.0.0.0:8080") -> str:
+def render_nginx(
+    upstreams: Mapping[str, list[str]], listen: str = "0.0.0.0:8080", resolver: str | None = None
+) -> str:
     """A whole ``nginx.conf``. ``upstreams`` maps a service to its ``HOST:PORT`` replicas; the
-    paths of a service without upstreams are not routed (they answer 404)."""
+    paths of a service without upstreams are not routed (they answer 404).
+
+    With a ``resolver`` (a DNS server's address), each service is one name that nginx looks
+    up again as its answer expires (every 10 s) rather than once at start, so replicas added
+    behind the name get traffic (docker-compose's ``--scale``)."""
     unknown = set(upstreams) - set(SERVICES)
     if unknown:
         raise ValueError(f"unknown services: {', '.join(sorted(unknown))}")
@@ -44,8 +50,14 @@ def render_nginx(upstreams: Mapping[str, list[str]], listen: str = "0.0.0.0:8080
         '    "" $request_id;',
         "  }",
     ]
+    if resolver:
+        lines.append(f"  resolver {resolver} valid=10s ipv6=off;")
+        lines.append("  resolver_timeout 2s;")
     for service in SERVICES:
-        if upstreams.get(service):
+        if upstreams.get(service) and resolver:
+            if len(upstreams[service]) != 1:
+                raise ValueError(f"with a resolver, {service} needs exactly one name")
+        elif upstreams.get(service):
             lines.append(f"  upstream parley_{service} {{")
             lines += [f"    server {addr} max_fails=0;" for addr in upstreams[service]]
             lines += ["    keepalive 64;", "  }"]
@@ -60,14 +72,16 @@ def render_nginx(upstreams: Mapping[str, list[str]], listen: str = "0.0.0.0:8080
         "    proxy_next_upstream error timeout;",
         "    error_page 502 503 504 = @unavailable;",
     ]
+    if resolver:
+        # A variable in proxy_pass makes nginx resolve the name at request time.
+        lines += [f"    set $parley_{s} {upstreams[s][0]};" for s in SERVICES if upstreams.get(s)]
     seen: set[str] = set()
     for route in ROUTES:
         if route.path in seen or not upstreams.get(route.service):
             continue
         seen.add(route.path)
-        lines.append(
-            f'    location ~ "{route.regex}" {{ proxy_pass http://parley_{route.service}; }}'
-        )
+        target = f"$parley_{route.service}" if resolver else f"parley_{route.service}"
+        lines.append(f'    location ~ "{route.regex}" {{ proxy_pass http://{target}; }}')
     lines += [
         "    location = /healthz {",
         "      default_type application/json;",

@@ -38,8 +38,8 @@ class InternalClient:
     async def call(
         self, method: str, path: str, *, json: Any = None, params: dict[str, str] | None = None
     ) -> tuple[int, Any]:
-        """(status, body). 200 and 404 come back as they are; a 400 with the envelope raises
-        that ``ParleyError``; anything else is 503 ``... unavailable``."""
+        """(status, body). 200 and 404 come back as they are; a 400 or 429 with the envelope
+        raises that ``ParleyError``; anything else is 503 ``... unavailable``."""
         try:
             async with self._session.request(
                 method, self._base + path, json=json, params=params, headers=self._headers
@@ -51,8 +51,8 @@ class InternalClient:
             raise ParleyError("service unavailable", status=503) from exc
         if status in (200, 404, 409):
             return status, body
-        if status == 400 and isinstance(body, dict) and isinstance(body.get("meta"), dict):
-            raise ParleyError(str(body["meta"].get("message", "")), **_extra(body))
+        if status in (400, 429) and isinstance(body, dict) and isinstance(body.get("meta"), dict):
+            raise ParleyError(str(body["meta"].get("message", "")), status, **_extra(body))
         log.error("internal API answered unexpectedly", url=self._base + path, status=status)
         raise ParleyError("service unavailable", status=503)
 

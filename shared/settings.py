@@ -11,6 +11,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EMBEDDED_MONGO_ADDR = "127.0.0.1:27018"
 EMBEDDED_MONGO_URL = f"mongodb://{EMBEDDED_MONGO_ADDR}/"
+# The shortest PARLEY_INTERNAL_SECRET `parley serve` accepts (in bytes).
+INTERNAL_SECRET_MIN_BYTES = 32
 
 
 class Settings(BaseSettings):
@@ -31,8 +33,15 @@ class Settings(BaseSettings):
     # Where services reach the groups and customer services' internal APIs (distributed mode).
     groups_url: str = "http://127.0.0.1:8082"
     customer_url: str = "http://127.0.0.1:8084"
-    # Shared secret on the internal API; empty disables the check (keep it behind the network).
+    # Shared secret of the internal API (/internal/*): at least INTERNAL_SECRET_MIN_BYTES.
+    # Without one the internal API refuses every call, unless insecure_internal says otherwise
+    # (`parley serve --insecure-internal`: no check at all, for a network nothing else reaches).
     internal_secret: str = ""
+    insecure_internal: bool = False
+    # /internal/verify: refused credential checks allowed per caller address (a token bucket
+    # of this many, refilled at this rate per second); beyond it, 429.
+    verify_refusal_burst: int = Field(default=100, ge=1)
+    verify_refusal_rate: float = Field(default=10.0, gt=0)
     auth_cache_ttl: float = Field(default=10.0, ge=0)
     # The header that carries the client address for the per-app IP allow-list (spec §1.2).
     client_ip_header: str = "X-Real-IP"

@@ -19,7 +19,7 @@ from pymongo import IndexModel
 
 from shared.auth import CLIENT_IP_HEADER, VERIFIER, CachingVerifier, HttpVerifier, Verifier
 from shared.bus import Bus, RabbitBus
-from shared.errors import error_middleware
+from shared.errors import ParleyError, error_middleware
 from shared.http import MAX_BODY
 from shared.internal import (
     INTERNAL_SECRET_HEADER,
@@ -56,11 +56,20 @@ class Deps:
 
 
 def require_internal(request: web.Request) -> None:
-    """Internal APIs answer only callers that know ``PARLEY_INTERNAL_SECRET`` (when set)."""
-    expected = request.app[SETTINGS].internal_secret
-    given = request.headers.get(INTERNAL_SECRET_HEADER, "")
-    if expected and not hmac.compare_digest(expected.encode(), given.encode()):
-        raise web.HTTPNotFound()
+    """Internal APIs answer only callers that send ``PARLEY_INTERNAL_SECRET`` (compared in
+    constant time): 401 without it, 403 with a wrong one, 403 when the process has none
+    (unless started with ``--insecure-internal``)."""
+    settings = request.app[SETTINGS]
+    expected = settings.internal_secret
+    if not expected:
+        if settings.insecure_internal:
+            return
+        raise ParleyError("internal API disabled: no internal secret", status=403)
+    given = request.headers.get(INTERNAL_SECRET_HEADER)
+    if given is None:
+        raise ParleyError("internal secret required", status=401)
+    if not hmac.compare_digest(expected.encode(), given.encode("utf-8", "replace")):
+        raise ParleyError("wrong internal secret", status=403)
 
 
 CleanupCtx = Callable[[web.Application], AsyncIterator[None]]

@@ -17,6 +17,7 @@ import base64
 import contextlib
 import hashlib
 import os
+import secrets
 import shutil
 import tempfile
 import uuid
@@ -264,7 +265,7 @@ async def distributed_stack(
 ) -> AsyncIterator[Stack]:
     """Every service as its own ``parley serve`` process (``replicas`` of each, default one)
     behind nginx rendered from the routing table; events through RabbitMQ."""
-    settings = settings.model_copy(update={"internal_secret": "test-internal-secret"})
+    settings = settings.model_copy(update={"internal_secret": secrets.token_urlsafe(32)})
     cluster = start_cluster(settings, workdir / unique("distributed-"), replicas)
     try:
         bus = RabbitBus(settings.amqp_url or "", exchange=settings.amqp_exchange)

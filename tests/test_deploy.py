@@ -4,6 +4,7 @@ plugin exists) and the edge configuration it mounts, all kept equal to their ren
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -22,14 +23,15 @@ K8S_VERSION = "1.30"
 
 def manifests() -> list[dict[str, Any]]:
     docs: list[dict[str, Any]] = []
-    for path in sorted((REPO_ROOT / "k8s").glob("*.yaml")):
+    for path in sorted((REPO_ROOT / "k8s").rglob("*.yaml")):
         docs += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
     return docs
 
 
 def test_k8s_files_are_the_render() -> None:
     rendered = render_k8s()
-    on_disk = {p.name: p.read_text() for p in (REPO_ROOT / "k8s").glob("*.yaml")}
+    k8s = REPO_ROOT / "k8s"
+    on_disk = {str(p.relative_to(k8s)): p.read_text() for p in k8s.rglob("*.yaml")}
     assert on_disk == rendered, "regenerate: parley deploy-config --format k8s --out k8s"
 
 
@@ -71,7 +73,13 @@ def test_every_service_is_deployed_probed_scaled_and_fenced() -> None:
     assert {next(iter(s)) for s in sources} == {"namespaceSelector", "podSelector"}
 
 
-def compose_check(path: Path) -> subprocess.CompletedProcess[str]:
+# What compose requires from its environment (docker-compose.yml refuses to start without it).
+COMPOSE_ENV = {"PARLEY_INTERNAL_SECRET": "0123456789abcdef" * 4}
+
+
+def compose_check(
+    path: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     docker = shutil.which("docker")
     if (
         docker
@@ -86,7 +94,11 @@ def compose_check(path: Path) -> subprocess.CompletedProcess[str]:
             str(go_tool("parley-compose-check", REPO_ROOT / "tools" / "compose-check")),
             str(path),
         ]
-    return subprocess.run(argv, capture_output=True, text=True, check=False, cwd=path.parent)
+    environ = {k: v for k, v in os.environ.items() if k not in COMPOSE_ENV}
+    environ.update(COMPOSE_ENV if env is None else env)
+    return subprocess.run(
+        argv, capture_output=True, text=True, check=False, cwd=path.parent, env=environ
+    )
 
 
 def test_compose_file_passes_the_compose_specification() -> None:

@@ -169,7 +169,7 @@ async def test_http_verifier_asks_the_auth_service(local_stack: Stack, auth_serv
             await verifier.verify_app_key(app.appid, "wrong")
     finally:
         await verifier.close()
-    # Without the shared secret the internal API does not exist.
+    # Without the shared secret the internal API refuses the caller (401): unavailable to it.
     intruder = HttpVerifier(auth_service)
     try:
         with pytest.raises(ParleyError) as refused:

@@ -4,7 +4,7 @@ credential-verification API that every other service calls."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from aiohttp import web
 from pydantic import AfterValidator, BaseModel, ConfigDict
@@ -17,6 +17,7 @@ from shared.ids import Flag, Id, Text
 from shared.internal import UidTaken
 from shared.jsonio import json_response
 from shared.logs import request_id_of
+from shared.ratelimit import TokenBuckets
 from shared.settings import Settings
 from shared.web import (
     BUS,
@@ -35,6 +36,9 @@ from .repository import INDEXES, AuthRepository
 
 SERVICE = "auth"
 AUTH = web.AppKey("auth_domain", AuthDomain)
+# Refused app-secret checks on /internal/verify, per caller address.
+VERIFY_REFUSALS = web.AppKey("verify_refusals", TokenBuckets)
+TOO_MANY_REFUSALS = "too many refusals"
 
 
 def _positive(value: int) -> int:
@@ -109,19 +113,25 @@ async def internal_verify(request: web.Request) -> web.Response:
     require_internal(request)
     body = parse_model(VerifyRequest, await read_json(request))
     verifier = request.app[VERIFIER]
-    answer: dict[str, Any]
     if body.scheme == "bearer":
         owner = await verifier.resolve_token(body.token or "")
-        answer = {"appid": owner.appid, "uid": owner.uid}
-    elif body.appid is None or body.secret is None:
+        return json_response({"appid": owner.appid, "uid": owner.uid})
+    if body.appid is None or body.secret is None:
         raise ParleyError("invalid param")
-    elif body.scheme == "server":
-        await verifier.verify_server(body.appid, body.secret, body.ip)
-        answer = {"appid": body.appid}
-    else:
-        await verifier.verify_app_key(body.appid, body.secret)
-        answer = {"appid": body.appid}
-    return json_response(answer)
+    # App secrets are checked at a bounded rate of refusals per caller: once a caller's
+    # bucket is empty, it gets 429 without a check until the bucket refills.
+    refusals, caller = request.app[VERIFY_REFUSALS], request.remote
+    if not refusals.allows(caller):
+        raise ParleyError(TOO_MANY_REFUSALS, status=429)
+    try:
+        if body.scheme == "server":
+            await verifier.verify_server(body.appid, body.secret, body.ip)
+        else:
+            await verifier.verify_app_key(body.appid, body.secret)
+    except ParleyError:
+        refusals.spend(caller)
+        raise
+    return json_response({"appid": body.appid})
 
 
 class CustomerTokenRequest(BaseModel):
@@ -151,6 +161,7 @@ def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
     app = service_app(SERVICE, settings, {"grant": grant, "user_settings": user_settings})
     app.router.add_post("/internal/verify", internal_verify)
     app.router.add_post("/internal/customer-token", internal_customer_token)
+    app[VERIFY_REFUSALS] = TokenBuckets(settings.verify_refusal_burst, settings.verify_refusal_rate)
 
     async def domain_ctx(app: web.Application) -> AsyncIterator[None]:
         auth = AuthDomain(AuthRepository(app[DB]), app[BUS], app[SETTINGS])
