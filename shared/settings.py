@@ -6,6 +6,8 @@ Every process (a single service, the all-in-one runner, a management command) bu
 
 from __future__ import annotations
 
+from ipaddress import IPv4Network, IPv6Network
+
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -36,6 +38,9 @@ class Settings(BaseSettings):
     auth_cache_ttl: float = Field(default=10.0, ge=0)
     # The header that carries the client address for the per-app IP allow-list (spec §1.2).
     client_ip_header: str = "X-Real-IP"
+    # Peers (addresses or networks, as JSON) whose client-IP header is believed; from any other
+    # peer, or with none configured, the allow-list checks the connection's own address.
+    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
     # appid -> allowed client IPs, as JSON: PARLEY_IP_PERMISSIONS='{"7": ["10.0.0.1"]}'.
     ip_permissions: dict[int, list[str]] = Field(default_factory=dict)
     # Apps refused by the message-injection endpoints (spec §1.5), as JSON: '[7, 9]'.
