@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sized
 from typing import Any, NoReturn, TypeVar
 
 from aiohttp import web
@@ -116,16 +117,32 @@ def parse_model(model: type[M], data: Any, message: str | None = None) -> M:
         raise (InvalidParam() if message is None else InvalidParam(message)) from exc
 
 
+def check_length(value: str | None, limit: int) -> None:
+    """A text field within its configured length (in characters); 400 ``invalid param``."""
+    if value is not None and len(value) > limit:
+        raise InvalidParam()
+
+
+def check_count(items: Sized, limit: int) -> None:
+    """At most ``limit`` entries in one request; 400 ``invalid param``."""
+    if len(items) > limit:
+        raise InvalidParam()
+
+
 async def read_model(request: web.Request, model: type[M]) -> M:
     return parse_model(model, await read_json(request))
 
 
 def path_id(request: web.Request, name: str) -> int:
-    """A path id (the route's pattern already requires digits); too large is 404, as no match."""
+    """A path id (the route's pattern already requires digits); too large is 404, as no match;
+    0 is 400 ``invalid param`` (ids are positive)."""
     try:
-        return parse_id(request.match_info[name])
+        value = parse_id(request.match_info[name])
     except ValueError as exc:
         raise web.HTTPNotFound() from exc
+    if value <= 0:
+        raise InvalidParam()
+    return value
 
 
 def query_id(request: web.Request, name: str) -> int | None:

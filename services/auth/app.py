@@ -4,15 +4,15 @@ credential-verification API that every other service calls."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from aiohttp import web
-from pydantic import AfterValidator, BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict
 
 from shared.auth import VERIFIER, CachingVerifier, server_auth
 from shared.errors import ParleyError
 from shared.events import DoNotDisturb
-from shared.http import data, empty_ok, parse_model, path_id, read_json, read_model
+from shared.http import check_length, data, empty_ok, parse_model, path_id, read_json, read_model
 from shared.ids import Flag, Id, Text
 from shared.internal import UidTaken
 from shared.jsonio import json_response
@@ -37,16 +37,10 @@ SERVICE = "auth"
 AUTH = web.AppKey("auth_domain", AuthDomain)
 
 
-def _positive(value: int) -> int:
-    if value <= 0:
-        raise ValueError("uid must be positive")
-    return value
-
-
 class GrantRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    uid: Annotated[Id, AfterValidator(_positive)]
+    uid: Id
     user_name: Text = ""  # a grant without it stores "" (spec S1)
 
 
@@ -83,6 +77,7 @@ def domain(request: web.Request) -> AuthDomain:
 async def grant(request: web.Request) -> web.Response:
     appid = await server_auth(request)
     body = await read_model(request, GrantRequest)
+    check_length(body.user_name, request.app[SETTINGS].max_name_length)
     token = await domain(request).grant(appid, body.uid, body.user_name, request_id_of(request))
     return data({"token": token})
 
@@ -91,6 +86,7 @@ async def user_settings(request: web.Request) -> web.Response:
     uid = path_id(request, "uid")
     appid = await server_auth(request)
     body = await read_model(request, SettingsRequest)
+    check_length(body.name, request.app[SETTINGS].max_name_length)
     dnd = body.do_not_disturb
     change = SettingsChange(
         name=body.name,

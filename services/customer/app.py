@@ -11,8 +11,8 @@ from aiohttp import web
 from pydantic import BaseModel, BeforeValidator, ConfigDict
 
 from shared.auth import app_key_auth, client_auth
-from shared.errors import INVALID_APPID, REQUIRE_STORE_ID, InvalidParam, ParleyError
-from shared.http import data, parse_model, path_id, read_json, required_query_id
+from shared.errors import INVALID_APPID, REQUIRE_STORE_ID, ParleyError
+from shared.http import check_length, data, parse_model, path_id, read_json, required_query_id
 from shared.ids import Id, Text, parse_id
 from shared.internal import HttpTokenIssuer, TokenIssuer
 from shared.jsonio import json_response
@@ -62,8 +62,10 @@ class RegisterRequest(BaseModel):
 
 async def _register(request: web.Request, header_appid: int | None) -> web.Response:
     body = parse_model(RegisterRequest, await read_json(request))
-    if body.appid == 0:
-        raise InvalidParam()
+    settings = request.app[SETTINGS]
+    check_length(body.customer_id, settings.max_name_length)
+    check_length(body.name, settings.max_name_length)
+    check_length(body.avatar, settings.max_avatar_length)
     if header_appid is not None and header_appid != body.appid:
         raise ParleyError(INVALID_APPID)  # one app's key never mints another app's tokens
     registration = await domain(request).register(
