@@ -294,3 +294,41 @@ async def test_register_writes_no_mapping_for_a_refused_visitor(local_stack: Sta
         )
         assert (status, reply) == (400, INVALID_PARAM)
     assert await stack.db["customer_clients"].find_one({"_id": f"{app.appid}:c-9"}) is None
+
+
+# ---- /auth/customer keeps what it is not given ----------------------------------------------
+
+
+async def test_auth_customer_keeps_a_visitors_name(local_stack: Stack) -> None:
+    stack = local_stack
+    app = await stack.new_app()
+    await desk(stack, app, ["ann"])
+    first = {"appid": app.appid, "customer_id": "v-1", "name": "Vi", "avatar": "v.png"}
+    status, reply, _ = await stack.request("POST", "/auth/customer", json=first)
+    assert status == 200, reply
+    client_id = reply["data"]["client_id"]
+
+    async def profile() -> tuple[str, str]:
+        user = await stack.db["auth_users"].find_one({"appid": app.appid, "uid": client_id})
+        assert user is not None
+        return user["name"], user["avatar"]
+
+    status, again, _ = await stack.request(
+        "POST", "/auth/customer", json={"appid": app.appid, "customer_id": "v-1"}
+    )
+    assert (status, again) == (200, reply)
+    assert await profile() == ("Vi", "v.png")
+    status, _, _ = await stack.request(
+        "POST", "/auth/customer", json={"appid": app.appid, "customer_id": "v-1", "name": "Vo"}
+    )
+    assert status == 200
+    assert await profile() == ("Vo", "v.png")
+    # /customer/register (app-key credentials) replaces both, as the reference did (spec X2).
+    status, _, _ = await stack.request(
+        "POST",
+        "/customer/register",
+        json={"appid": app.appid, "customer_id": "v-1"},
+        headers=app_key(app),
+    )
+    assert status == 200
+    assert await profile() == ("", "")

@@ -125,8 +125,8 @@ class CustomerTokenRequest(BaseModel):
 
     appid: int
     uid: int
-    name: str = ""
-    avatar: str = ""
+    name: str | None = None  # None: keep the stored one
+    avatar: str | None = None
 
 
 async def internal_customer_token(request: web.Request) -> web.Response:
