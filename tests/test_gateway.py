@@ -204,6 +204,10 @@ async def test_ip_allow_list(local_stack: Stack) -> None:
                 assert resp.status == expected, ip
                 if expected == 400:
                     assert await resp.json() == {"meta": {"code": 400, "message": "非法的ip"}}
+        # An app without a list does not check, whatever the proxy sends.
+        headers = {**(await stack.new_app()).server_auth, "X-Real-IP": "x"}
+        async with stack.http.post(url, json={"uid": 1}, headers=headers) as resp:
+            assert resp.status == 200
     finally:
         await server.close()
 
