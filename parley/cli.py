@@ -32,6 +32,7 @@ from shared.gateway import render_ingress, render_nginx
 from shared.logs import configure_logging
 from shared.mongo import ensure_indexes, make_client
 from shared.routing import SERVICES
+from shared.server import run_app
 from shared.settings import (
     EMBEDDED_MONGO_ADDR,
     INTERNAL_SECRET_MIN_BYTES,
@@ -78,7 +79,7 @@ def _run_app(app: web.Application, settings: Settings) -> None:
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         pass
-    web.run_app(app, host=host, port=port, print=None, access_log=None)
+    run_app(app, host, port)  # web.run_app, minus echoing malformed requests (shared/server.py)
 
 
 # ---- parley run ---------------------------------------------------------------------------

@@ -58,6 +58,8 @@ def start_cluster(
         "PARLEY_OUTBOX_GRACE": str(settings.outbox_grace),
         "PARLEY_PUBLISH_TIMEOUT": str(settings.publish_timeout),
         "PARLEY_KEFU_APPID": str(settings.kefu_appid),
+        # The edge nginx is on loopback: believe its X-Real-IP (the IP allow-list).
+        "PARLEY_TRUSTED_PROXIES": '["127.0.0.1/32", "::1/128"]',
         "PARLEY_LOG_LEVEL": log_level,
     }
     upstreams = {s: [f"127.0.0.1:{p}" for p in ports[s]] for s in SERVICES}

@@ -48,6 +48,8 @@ def _config_map() -> dict[str, Any]:
             "PARLEY_LOG_JSON": "true",
             "PARLEY_LOG_LEVEL": "info",
             "PARLEY_CLIENT_IP_HEADER": "X-Real-IP",
+            # The Ingress controller's pods (the NetworkPolicies admit only it and Parley).
+            "PARLEY_TRUSTED_PROXIES": '["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]',
             **urls,
         },
     }

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import abc
 import base64
-import binascii
+import ipaddress
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +49,8 @@ class TokenOwner:
 
 
 def parse_basic(header: str | None) -> BasicCredentials:
-    """Scheme A/B header -> (appid, credential); 400 ``非法的appid`` on anything malformed."""
+    """Scheme A/B header -> (appid, credential); 400 ``非法的appid`` on anything malformed
+    (non-ASCII or bad base64 included)."""
     if not header:
         raise ParleyError(INVALID_APPID)
     scheme, _, value = header.strip().partition(" ")
@@ -56,7 +58,7 @@ def parse_basic(header: str | None) -> BasicCredentials:
         raise ParleyError(INVALID_APPID)
     try:
         decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # binascii.Error, non-ASCII input and UnicodeDecodeError
         raise ParleyError(INVALID_APPID) from exc
     appid_text, sep, secret = decoded.partition(":")
     if not sep:
@@ -69,12 +71,15 @@ def parse_basic(header: str | None) -> BasicCredentials:
 
 
 def parse_bearer(header: str | None) -> str:
-    """Scheme C header -> token; the Bearer failure body otherwise."""
+    """Scheme C header -> token; the Bearer failure body otherwise. Tokens are printable
+    ASCII: anything else (a header byte that is not ASCII included) cannot be one."""
     if not header:
         raise InvalidToken()
     scheme, _, token = header.strip().partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token or len(token) > 256:
+        raise InvalidToken()
+    if not (token.isascii() and token.isprintable()):
         raise InvalidToken()
     return token
 
@@ -187,17 +192,46 @@ class HttpVerifier(Verifier):
 
 VERIFIER = web.AppKey("verifier", Verifier)
 CLIENT_IP_HEADER = web.AppKey("client_ip_header", str)
+TRUSTED_PROXIES = web.AppKey(
+    "trusted_proxies", Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
+)
 
 
 def _verifier(request: web.Request) -> Verifier:
     return request.config_dict[VERIFIER]
 
 
+NOT_AN_ADDRESS = "(not an address)"
+
+
+def client_ip(request: web.Request) -> str | None:
+    """The caller's address for the IP allow-list: the client-IP header (``X-Real-IP``) when
+    the connection comes from a trusted proxy (``PARLEY_TRUSTED_PROXIES``), else the
+    connection's peer address. A header value that is not an address matches no allow-list
+    (so an app with one answers 400 ``非法的ip``; the others do not check)."""
+    peer = request.remote
+    trusted = request.config_dict.get(TRUSTED_PROXIES, ())
+    if not peer or not trusted:
+        return peer
+    try:
+        peer_address = ipaddress.ip_address(peer)
+    except ValueError:
+        return peer
+    if not any(peer_address in network for network in trusted):
+        return peer
+    forwarded = request.headers.get(request.config_dict[CLIENT_IP_HEADER])
+    if forwarded is None:
+        return peer
+    try:
+        return str(ipaddress.ip_address(forwarded.strip()))
+    except ValueError:
+        return NOT_AN_ADDRESS
+
+
 async def server_auth(request: web.Request) -> int:
     """Scheme A; returns the appid."""
     creds = parse_basic(request.headers.get("Authorization"))
-    ip = request.headers.get(request.config_dict[CLIENT_IP_HEADER])
-    await _verifier(request).verify_server(creds.appid, creds.secret, ip)
+    await _verifier(request).verify_server(creds.appid, creds.secret, client_ip(request))
     structlog.contextvars.bind_contextvars(appid=creds.appid)
     return creds.appid
 

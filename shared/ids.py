@@ -1,6 +1,8 @@
 """Parley's id rule (spec, "Parley's decisions"): an id is a JSON integer or a string of decimal
 digits, everywhere; anything else (a non-digit string, a float, a boolean, null) is 400
-``invalid param``. Ids are 64-bit: values outside the signed int64 range are refused too.
+``invalid param``. Ids are 64-bit: values outside the signed int64 range are refused too. Ids
+are positive: 0 and negative ids are refused (``Id``), except where the spec gives 0 a meaning
+(``IdOrZero``: a room message's sender, S16).
 """
 
 from __future__ import annotations
@@ -27,6 +29,20 @@ def parse_id(value: Any) -> int:
     return number
 
 
+def parse_positive_id(value: Any) -> int:
+    number = parse_id(value)
+    if number <= 0:
+        raise ValueError("an id must be positive")
+    return number
+
+
+def parse_id_or_zero(value: Any) -> int:
+    number = parse_id(value)
+    if number < 0:
+        raise ValueError("an id cannot be negative")
+    return number
+
+
 def _strict_flag(value: Any) -> bool:
     """Flags are JSON booleans or the integers 0/1 (spec §1.1); nothing else."""
     if isinstance(value, bool):
@@ -42,8 +58,11 @@ def _strict_str(value: Any) -> str:
     return value
 
 
-Id = Annotated[int, BeforeValidator(parse_id)]
-"""A pydantic field type applying the id rule."""
+Id = Annotated[int, BeforeValidator(parse_positive_id)]
+"""A pydantic field type applying the id rule (positive)."""
+
+IdOrZero = Annotated[int, BeforeValidator(parse_id_or_zero)]
+"""An id where 0 means something (never negative)."""
 
 Flag = Annotated[bool, BeforeValidator(_strict_flag)]
 """A pydantic field type for booleans: true/false or 0/1."""

@@ -147,9 +147,12 @@ class UidTaken(Exception):
 
 class TokenIssuer(abc.ABC):
     @abc.abstractmethod
-    async def customer_token(self, appid: int, uid: int, name: str, avatar: str) -> str:
+    async def customer_token(
+        self, appid: int, uid: int, name: str | None, avatar: str | None
+    ) -> str:
         """The permanent token of customer ``uid`` (created on first use); stores name and
-        avatar. Raises ``UidTaken`` if ``uid`` is an ordinary user of the app."""
+        avatar (None: keep the stored one). Raises ``UidTaken`` if ``uid`` is an ordinary user
+        of the app."""
 
     async def close(self) -> None:
         return None
@@ -159,7 +162,9 @@ class HttpTokenIssuer(TokenIssuer):
     def __init__(self, base_url: str, secret: str = "") -> None:
         self._client = InternalClient(base_url, secret=secret)
 
-    async def customer_token(self, appid: int, uid: int, name: str, avatar: str) -> str:
+    async def customer_token(
+        self, appid: int, uid: int, name: str | None, avatar: str | None
+    ) -> str:
         status, body = await self._client.call(
             "POST",
             "/internal/customer-token",

@@ -53,7 +53,10 @@ def request_context_middleware(service: str, header: str = "X-Request-ID") -> Mi
         incoming = request.get(REQUEST_ID) or request.headers.get(header, "")
         request_id = (
             incoming
-            if incoming and len(incoming) <= MAX_REQUEST_ID and incoming.isprintable()
+            if incoming
+            and len(incoming) <= MAX_REQUEST_ID
+            and incoming.isascii()
+            and incoming.isprintable()
             else uuid.uuid4().hex
         )
         request[REQUEST_ID] = request_id

@@ -6,6 +6,8 @@ Every process (a single service, the all-in-one runner, a management command) bu
 
 from __future__ import annotations
 
+from ipaddress import IPv4Network, IPv6Network
+
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -45,6 +47,9 @@ class Settings(BaseSettings):
     auth_cache_ttl: float = Field(default=10.0, ge=0)
     # The header that carries the client address for the per-app IP allow-list (spec §1.2).
     client_ip_header: str = "X-Real-IP"
+    # Peers (addresses or networks, as JSON) whose client-IP header is believed; from any other
+    # peer, or with none configured, the allow-list checks the connection's own address.
+    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
     # appid -> allowed client IPs, as JSON: PARLEY_IP_PERMISSIONS='{"7": ["10.0.0.1"]}'.
     ip_permissions: dict[int, list[str]] = Field(default_factory=dict)
     # Apps refused by the message-injection endpoints (spec §1.5), as JSON: '[7, 9]'.
@@ -61,6 +66,19 @@ class Settings(BaseSettings):
     kefu_appid: int = 0
     # Customer client ids start above this, so they never look like an app's own uids.
     customer_client_id_base: int = Field(default=10**12, ge=0)
+    # Limits on what one caller can make Parley store (400 beyond them; nothing written).
+    max_name_length: int = Field(default=256, ge=1)  # group names, user and member names
+    max_avatar_length: int = Field(default=1024, ge=1)  # avatar URLs of members and visitors
+    max_notice_length: int = Field(default=256, ge=1)
+    max_nickname_length: int = Field(default=256, ge=1)
+    max_content_bytes: int = Field(default=64 * 1024, ge=1)  # a message's content, UTF-8
+    max_group_members: int = Field(default=10_000, ge=1)
+    max_super_group_members: int = Field(default=100_000, ge=1)
+    max_members_per_request: int = Field(default=1_000, ge=1)
+    # Groups one client (appid, uid) may create per minute, counted in each process.
+    client_groups_per_minute: int = Field(default=10, ge=1)
+    # Whether POST /client/groups may create super groups (else 400).
+    client_super_groups: bool = False
     outbox_relay_interval: float = Field(default=5.0, gt=0)
     outbox_grace: float = Field(default=10.0, ge=0)
     log_json: bool = False

@@ -17,7 +17,14 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from pymongo import IndexModel
 
-from shared.auth import CLIENT_IP_HEADER, VERIFIER, CachingVerifier, HttpVerifier, Verifier
+from shared.auth import (
+    CLIENT_IP_HEADER,
+    TRUSTED_PROXIES,
+    VERIFIER,
+    CachingVerifier,
+    HttpVerifier,
+    Verifier,
+)
 from shared.bus import Bus, RabbitBus
 from shared.errors import ParleyError, error_middleware
 from shared.http import MAX_BODY
@@ -125,6 +132,7 @@ def service_app(
     )
     app[SETTINGS] = settings
     app[CLIENT_IP_HEADER] = settings.client_ip_header
+    app[TRUSTED_PROXIES] = settings.trusted_proxies
     for route in routes_for(service):
         if route.handler not in handlers:
             raise LookupError(f"service {service!r} has no handler {route.handler!r}")

@@ -29,6 +29,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
+from aiohttp.web_runner import BaseRunner
 
 from parley.allinone import create_allinone_app
 from parley.cluster import start_cluster
@@ -45,6 +46,7 @@ from shared.bus import Bus, LocalBus, RabbitBus, topic_matches
 from shared.events import Event
 from shared.logs import configure_logging
 from shared.mongo import Database, ensure_indexes, make_client
+from shared.server import ParleyRunner
 from shared.settings import Settings
 from shared.web import Deps
 
@@ -229,6 +231,13 @@ class Stack:
             await subscription.cancel()
 
 
+class ParleyTestServer(TestServer):
+    """aiohttp's test server on Parley's runner (``shared/server.py``), as ``parley run``."""
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        return ParleyRunner(self.app, **kwargs)
+
+
 async def _prepared_db(mongo_url: str, name: str) -> tuple[Any, Database]:
     client = make_client(mongo_url)
     db = client[name]
@@ -248,7 +257,7 @@ async def allinone_stack(mode: str, settings: Settings) -> AsyncIterator[Stack]:
     await bus.start()
     client, db = await _prepared_db(settings.mongo_url, settings.mongo_db)
     app = create_allinone_app(settings, deps=Deps(db=db, bus=bus))
-    server = TestServer(app, host="127.0.0.1", port=free_port())
+    server = ParleyTestServer(app, host="127.0.0.1", port=free_port())
     await server.start_server()
     try:
         async with aiohttp.ClientSession() as http:

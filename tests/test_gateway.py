@@ -4,6 +4,7 @@ that services behind the edge use instead of trusting headers."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import shutil
 import subprocess
@@ -182,13 +183,20 @@ async def test_http_verifier_asks_the_auth_service(local_stack: Stack, auth_serv
 async def test_ip_allow_list(local_stack: Stack) -> None:
     stack = local_stack
     app = await stack.new_app()
-    settings = stack.settings.model_copy(update={"ip_permissions": {app.appid: ["10.0.0.1"]}})
+    # The test client connects from loopback: configured as the trusted proxy, so X-Real-IP
+    # is believed (without it the connection's own address is checked).
+    settings = stack.settings.model_copy(
+        update={
+            "ip_permissions": {app.appid: ["10.0.0.1"]},
+            "trusted_proxies": (ipaddress.ip_network("127.0.0.1"),),
+        }
+    )
     service = create_auth(settings, Deps(db=stack.db, bus=stack.bus))
     server = TestServer(service, host="127.0.0.1", port=free_port())
     await server.start_server()
     try:
         url = str(server.make_url("/auth/grant"))
-        for ip, expected in (("10.0.0.1", 200), ("10.0.0.2", 400), (None, 200)):
+        for ip, expected in (("10.0.0.1", 200), ("10.0.0.2", 400), (None, 400), ("x", 400)):
             headers = dict(app.server_auth)
             if ip:
                 headers["X-Real-IP"] = ip
@@ -196,6 +204,10 @@ async def test_ip_allow_list(local_stack: Stack) -> None:
                 assert resp.status == expected, ip
                 if expected == 400:
                     assert await resp.json() == {"meta": {"code": 400, "message": "非法的ip"}}
+        # An app without a list does not check, whatever the proxy sends.
+        headers = {**(await stack.new_app()).server_auth, "X-Real-IP": "x"}
+        async with stack.http.post(url, json={"uid": 1}, headers=headers) as resp:
+            assert resp.status == 200
     finally:
         await server.close()
 

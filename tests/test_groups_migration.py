@@ -5,6 +5,7 @@ as logs at start, once."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 from services.groups.repository import GroupsRepository
 from shared.mongo import make_client

@@ -4,15 +4,15 @@ credential-verification API that every other service calls."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Annotated, Literal
+from typing import Literal
 
 from aiohttp import web
-from pydantic import AfterValidator, BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict
 
 from shared.auth import VERIFIER, CachingVerifier, server_auth
 from shared.errors import ParleyError
 from shared.events import DoNotDisturb
-from shared.http import data, empty_ok, parse_model, path_id, read_json, read_model
+from shared.http import check_length, data, empty_ok, parse_model, path_id, read_json, read_model
 from shared.ids import Flag, Id, Text
 from shared.internal import UidTaken
 from shared.jsonio import json_response
@@ -41,16 +41,10 @@ VERIFY_REFUSALS = web.AppKey("verify_refusals", TokenBuckets)
 TOO_MANY_REFUSALS = "too many refusals"
 
 
-def _positive(value: int) -> int:
-    if value <= 0:
-        raise ValueError("uid must be positive")
-    return value
-
-
 class GrantRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    uid: Annotated[Id, AfterValidator(_positive)]
+    uid: Id
     user_name: Text = ""  # a grant without it stores "" (spec S1)
 
 
@@ -87,6 +81,7 @@ def domain(request: web.Request) -> AuthDomain:
 async def grant(request: web.Request) -> web.Response:
     appid = await server_auth(request)
     body = await read_model(request, GrantRequest)
+    check_length(body.user_name, request.app[SETTINGS].max_name_length)
     token = await domain(request).grant(appid, body.uid, body.user_name, request_id_of(request))
     return data({"token": token})
 
@@ -95,6 +90,7 @@ async def user_settings(request: web.Request) -> web.Response:
     uid = path_id(request, "uid")
     appid = await server_auth(request)
     body = await read_model(request, SettingsRequest)
+    check_length(body.name, request.app[SETTINGS].max_name_length)
     dnd = body.do_not_disturb
     change = SettingsChange(
         name=body.name,
@@ -139,8 +135,8 @@ class CustomerTokenRequest(BaseModel):
 
     appid: int
     uid: int
-    name: str = ""
-    avatar: str = ""
+    name: str | None = None  # None: keep the stored one
+    avatar: str | None = None
 
 
 async def internal_customer_token(request: web.Request) -> web.Response:

@@ -166,9 +166,17 @@ class AuthDomain:
         await deliver(self.repo.users, user_key(appid, uid), [event], self.bus, request_id)
 
     async def customer_token(
-        self, appid: int, uid: int, name: str, avatar: str, request_id: str = ""
+        self, appid: int, uid: int, name: str | None, avatar: str | None, request_id: str = ""
     ) -> str:
-        """The permanent token of a customer-service visitor (for the customer service)."""
+        """The permanent token of a customer-service visitor (for the customer service). A name
+        or avatar of None keeps the stored one (read just before: a concurrent change of the
+        same visitor may be overwritten with the value read)."""
+        if name is None or avatar is None:
+            stored = await self.repo.get_user(appid, uid) or {}
+            if not stored.get("customer"):
+                stored = {}
+            name = str(stored.get("name", "")) if name is None else name
+            avatar = str(stored.get("avatar", "")) if avatar is None else avatar
         event = TokenGranted(appid=appid, uid=uid, user_name=name, customer=True)
         token = await self.repo.customer_token(
             appid, uid, new_token(), {"name": name, "avatar": avatar}, [event], request_id
@@ -183,7 +191,9 @@ class LocalTokenIssuer(TokenIssuer):
     def __init__(self, domain: AuthDomain) -> None:
         self._domain = domain
 
-    async def customer_token(self, appid: int, uid: int, name: str, avatar: str) -> str:
+    async def customer_token(
+        self, appid: int, uid: int, name: str | None, avatar: str | None
+    ) -> str:
         return await self._domain.customer_token(appid, uid, name, avatar)
 
 

@@ -11,8 +11,8 @@ from aiohttp import web
 from pydantic import BaseModel, BeforeValidator, ConfigDict
 
 from shared.auth import app_key_auth, client_auth
-from shared.errors import INVALID_APPID, REQUIRE_STORE_ID, InvalidParam, ParleyError
-from shared.http import data, parse_model, path_id, read_json, required_query_id
+from shared.errors import INVALID_APPID, REQUIRE_STORE_ID, ParleyError
+from shared.http import check_length, data, parse_model, path_id, read_json, required_query_id
 from shared.ids import Id, Text, parse_id
 from shared.internal import HttpTokenIssuer, TokenIssuer
 from shared.jsonio import json_response
@@ -56,18 +56,27 @@ class RegisterRequest(BaseModel):
 
     appid: Id
     customer_id: Annotated[str | None, BeforeValidator(_customer_id)] = None
-    name: Text = ""
-    avatar: Text = ""
+    name: Text | None = None
+    avatar: Text | None = None
 
 
-async def _register(request: web.Request, header_appid: int | None) -> web.Response:
+async def _register(
+    request: web.Request, header_appid: int | None, *, keep_profile: bool = False
+) -> web.Response:
+    """X2/S17. The visitor's name and avatar are replaced (with "" when left out), except with
+    ``keep_profile``, where a field left out keeps its stored value."""
     body = parse_model(RegisterRequest, await read_json(request))
-    if body.appid == 0:
-        raise InvalidParam()
+    settings = request.app[SETTINGS]
+    check_length(body.customer_id, settings.max_name_length)
+    check_length(body.name, settings.max_name_length)
+    check_length(body.avatar, settings.max_avatar_length)
     if header_appid is not None and header_appid != body.appid:
         raise ParleyError(INVALID_APPID)  # one app's key never mints another app's tokens
+    name, avatar = body.name, body.avatar
+    if not keep_profile:
+        name, avatar = name or "", avatar or ""
     registration = await domain(request).register(
-        body.appid, body.customer_id, body.name, body.avatar, request_id_of(request)
+        body.appid, body.customer_id, name, avatar, request_id_of(request)
     )
     return data(
         {
@@ -79,11 +88,12 @@ async def _register(request: web.Request, header_appid: int | None) -> web.Respo
 
 
 async def customer_token(request: web.Request) -> web.Response:
-    """S17: no credentials by default; app-key Basic, when sent (or required), is checked."""
+    """S17: no credentials by default; app-key Basic, when sent (or required), is checked. As
+    anyone may call it, it never erases a visitor's stored name or avatar."""
     header_appid = None
     if "Authorization" in request.headers or request.app[SETTINGS].customer_auth_requires_appkey:
         header_appid = await app_key_auth(request)
-    return await _register(request, header_appid)
+    return await _register(request, header_appid, keep_profile=True)
 
 
 async def customer_register(request: web.Request) -> web.Response:

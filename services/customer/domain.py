@@ -156,10 +156,16 @@ class CustomerDomain:
         return self.settings.customer_client_id_base + await self._next(f"client:{appid}")
 
     async def register(
-        self, appid: int, customer_id: str | None, name: str, avatar: str, rid: str = ""
+        self,
+        appid: int,
+        customer_id: str | None,
+        name: str | None,
+        avatar: str | None,
+        rid: str = "",
     ) -> Registration:
         """S17/X2: the same ``customer_id`` always gets the same client id and token; no
-        ``customer_id`` is a new anonymous visitor every time."""
+        ``customer_id`` is a new anonymous visitor every time. A name or avatar of None keeps
+        the stored one."""
         if self.tokens is None:
             raise RuntimeError("customer registration needs the auth service")
         store_id = await self.store_of(appid)

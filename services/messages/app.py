@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from aiohttp import web
@@ -15,8 +15,16 @@ from pydantic import BaseModel, ConfigDict
 
 from shared.auth import client_auth, server_auth, server_or_client_auth
 from shared.errors import DISABLED_APPID, INVALID_UID, InvalidParam, ParleyError
-from shared.http import data, empty_ok, parse_model, query_id, read_json, read_model
-from shared.ids import Id, Text
+from shared.http import (
+    check_count,
+    data,
+    empty_ok,
+    parse_model,
+    query_id,
+    read_json,
+    read_model,
+)
+from shared.ids import Id, IdOrZero, Text
 from shared.internal import (
     CustomerDirectory,
     GroupDirectory,
@@ -77,11 +85,32 @@ class NotificationRequest(BaseModel):
     content: Text
 
 
+class RoomRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    sender: IdOrZero  # may be 0 (spec S16)
+    receiver: Id  # the room
+    content: Text
+
+
 class GroupNotificationRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     group_id: Id
     content: Text
+
+
+M = TypeVar(
+    "M", PeerRequest, SystemRequest, NotificationRequest, GroupNotificationRequest, RoomRequest
+)
+
+
+async def read_content_model(request: web.Request, model: type[M]) -> M:
+    """The body of S11-S16: its ``content`` at most ``PARLEY_MAX_CONTENT_BYTES`` in UTF-8."""
+    body = await read_model(request, model)
+    if len(body.content.encode()) > request.app[SETTINGS].max_content_bytes:
+        raise InvalidParam()
+    return body
 
 
 async def injection_auth(request: web.Request) -> int:
@@ -97,7 +126,7 @@ async def injection_auth(request: web.Request) -> int:
 
 async def post_peer(request: web.Request) -> web.Response:
     appid = await injection_auth(request)
-    body = await read_model(request, PeerRequest)
+    body = await read_content_model(request, PeerRequest)
     await domain(request).post_peer(
         appid, body.sender, body.receiver, body.content, request_id_of(request)
     )
@@ -106,7 +135,7 @@ async def post_peer(request: web.Request) -> web.Response:
 
 async def post_group(request: web.Request) -> web.Response:
     appid = await injection_auth(request)
-    body = await read_model(request, PeerRequest)
+    body = await read_content_model(request, PeerRequest)
     await domain(request).post_group(
         appid, body.sender, body.receiver, body.content, request_id_of(request)
     )
@@ -115,8 +144,9 @@ async def post_group(request: web.Request) -> web.Response:
 
 async def post_system(request: web.Request) -> web.Response:
     appid = await injection_auth(request)
-    body = await read_model(request, SystemRequest)
+    body = await read_content_model(request, SystemRequest)
     receivers = list(body.receivers or [])
+    check_count(receivers, request.app[SETTINGS].max_members_per_request)
     if body.receiver is not None:
         receivers.insert(0, body.receiver)
     if not receivers:
@@ -127,7 +157,7 @@ async def post_system(request: web.Request) -> web.Response:
 
 async def post_notification(request: web.Request) -> web.Response:
     appid = await injection_auth(request)
-    body = await read_model(request, NotificationRequest)
+    body = await read_content_model(request, NotificationRequest)
     await domain(request).post_notification(
         appid, body.receiver, body.content, request_id_of(request)
     )
@@ -136,7 +166,7 @@ async def post_notification(request: web.Request) -> web.Response:
 
 async def post_group_notification(request: web.Request) -> web.Response:
     appid = await injection_auth(request)
-    body = await read_model(request, GroupNotificationRequest)
+    body = await read_content_model(request, GroupNotificationRequest)
     await domain(request).post_group_notification(
         appid, body.group_id, body.content, request_id_of(request)
     )
@@ -145,7 +175,7 @@ async def post_group_notification(request: web.Request) -> web.Response:
 
 async def post_room(request: web.Request) -> web.Response:
     appid = await injection_auth(request)
-    body = await read_model(request, PeerRequest)  # sender (may be 0), receiver = room id
+    body = await read_content_model(request, RoomRequest)
     await domain(request).post_room(
         appid, body.sender, body.receiver, body.content, request_id_of(request)
     )

@@ -1,0 +1,64 @@
+"""Helpers for refusal tests: call a Parley at any base URL, and prove that a block of requests
+stored nothing and published no event for an app."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+
+from shared.mongo import Database
+
+from .conftest import Stack
+
+INVALID_PARAM = {"meta": {"code": 400, "message": "invalid param"}}
+JSON_DECODE_ERROR = {"meta": {"code": 400, "message": "json decode error"}}
+NO_AUTHORITY = {"meta": {"code": 400, "message": "no authority"}}
+
+
+async def call(
+    http: aiohttp.ClientSession,
+    base: str,
+    method: str,
+    path: str,
+    *,
+    json: Any = None,
+    data: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any]:
+    """(status, JSON body or text) of one request to the Parley at ``base``."""
+    kwargs: dict[str, Any] = {"headers": headers or {}}
+    if json is not None:
+        kwargs["json"] = json
+    if data is not None:
+        kwargs["data"] = data
+    async with http.request(method, base + path, **kwargs) as resp:
+        if resp.content_type == "application/json":
+            return resp.status, await resp.json()
+        return resp.status, await resp.text()
+
+
+async def app_documents(db: Database, appid: int) -> dict[str, int]:
+    """How many documents of the app each collection holds."""
+    names = sorted(await db.list_collection_names())
+    return {name: await db[name].count_documents({"appid": appid}) for name in names}
+
+
+@contextlib.asynccontextmanager
+async def nothing_written(stack: Stack, appid: int, quiet: float = 0.3) -> AsyncIterator[None]:
+    """The block stores no document of the app and publishes no event of it. Work still under
+    way when it starts (consumers storing earlier notifications) is waited for first."""
+    before = await app_documents(stack.db, appid)
+    while True:
+        await asyncio.sleep(quiet)
+        now = await app_documents(stack.db, appid)
+        if now == before:
+            break
+        before = now
+    async with stack.recorder(appid) as events:
+        yield
+        assert await events.settle(quiet) == []
+    assert await app_documents(stack.db, appid) == before
