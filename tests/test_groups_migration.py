@@ -14,7 +14,7 @@ from .conftest import allinone_stack, stack_settings, unique
 
 
 def old_group(
-    appid: int, gid: int, members: dict[int, dict[str, object]], **fields: object
+    appid: int, gid: int, members: dict[int, dict[str, Any]], **fields: object
 ) -> dict[str, object]:
     return {
         "_id": gid,
