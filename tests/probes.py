@@ -42,9 +42,11 @@ async def call(
 
 
 async def app_documents(db: Database, appid: int) -> dict[str, int]:
-    """How many documents of the app each collection holds."""
+    """How many documents of the app each collection holds (by an ``appid`` field, or by an
+    ``_id`` that starts with the appid, as the revision logs' do)."""
     names = sorted(await db.list_collection_names())
-    return {name: await db[name].count_documents({"appid": appid}) for name in names}
+    mine = {"$or": [{"appid": appid}, {"_id": {"$regex": f"^{appid}:"}}]}
+    return {name: await db[name].count_documents(mine) for name in names}
 
 
 @contextlib.asynccontextmanager

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from services.groups.repository import GroupsRepository
 from shared.settings import Settings
 
 from .conftest import App, Stack
@@ -43,9 +44,13 @@ async def new_group(stack: Stack, app: App, master: int, members: list[int]) -> 
 
 
 async def group(stack: Stack, gid: int) -> dict[str, Any]:
-    doc = await stack.db["groups_groups"].find_one({"_id": gid})
-    assert doc is not None
-    return doc
+    """The stored group (any app: group ids are unique), as of its latest revision."""
+    versioned = None
+    async for doc in stack.db["groups_log_revs"].find({"_id": {"$regex": f":{gid}:1$"}}):
+        appid = int(str(doc["_id"]).split(":")[0])
+        versioned = await GroupsRepository(stack.db).log.read(f"{appid}:{gid}")
+    assert versioned is not None and versioned.state is not None
+    return {**versioned.state, "revision": versioned.rev, "members": versioned.state["m"]}
 
 
 # ---- text lengths (defaults) ----------------------------------------------------------------
