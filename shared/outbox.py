@@ -168,3 +168,5 @@ class OutboxRelay:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        for revlog in self._revlogs:
+            await revlog.drain()

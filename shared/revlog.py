@@ -104,6 +104,7 @@ class RevLog:
         self._snapshot_every = snapshot_every
         self._cache: OrderedDict[str, Versioned] = OrderedDict()
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._forgetting: set[asyncio.Task[None]] = set()
         self.after_commit = after_commit
 
     def _lock(self, key: str) -> asyncio.Lock:
@@ -296,8 +297,23 @@ class RevLog:
                 error=repr(exc),
             )
             return False
-        await self.pending.delete_one({"_id": f"{revision.key}:{revision.rev}"})
+        # The pointer is dropped after the answer (a process that stops first leaves it, and
+        # the relay publishes the events once more: duplicates, never loss).
+        task = asyncio.create_task(self._forget(f"{revision.key}:{revision.rev}"))
+        self._forgetting.add(task)
+        task.add_done_callback(self._forgetting.discard)
         return True
+
+    async def _forget(self, rev_id: str) -> None:
+        try:
+            await self.pending.delete_one({"_id": rev_id})
+        except Exception as exc:  # the relay will find it, publish again and retry
+            log.warning("dropping a pending pointer failed", revision=rev_id, error=repr(exc))
+
+    async def drain(self) -> None:
+        """Wait for the pointer deletions still under way (at shutdown)."""
+        if self._forgetting:
+            await asyncio.gather(*self._forgetting, return_exceptions=True)
 
     # ---- the relay's pass ----
 
