@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import bson
+import pytest
 
 from shared.events import GroupMembersAdded, GroupMembersRemoved
 
-from .conftest import App, Stack
+from .conftest import App, Stack, allinone_stack, stack_settings
 
 MEMBERS = 10_000
 CHUNK = 1_000
@@ -26,8 +28,16 @@ async def call(stack: Stack, app: App, method: str, path: str, body: Any = None)
     return reply
 
 
-async def test_ten_thousand_members(local_stack: Stack) -> None:
-    stack = local_stack
+@pytest.fixture(scope="module")
+async def own_stack(mongo_url: str) -> AsyncIterator[Stack]:
+    """An all-in-one stack on a database of its own: tens of thousands of documents would slow
+    the other tests' whole-collection probes of the shared one."""
+    async with allinone_stack("local", stack_settings(mongo_url, None)) as built:
+        yield built
+
+
+async def test_ten_thousand_members(own_stack: Stack) -> None:
+    stack = own_stack
     app = await stack.new_app()
     async with stack.recorder(app.appid, "group.#") as events:
         first = list(range(1, CHUNK + 1))

@@ -15,7 +15,7 @@ import pytest
 from services.groups.repository import GroupsRepository
 from shared.events import Event, GroupCreated, GroupMembersAdded
 
-from .conftest import App, Stack, distributed_stack, stack_settings
+from .conftest import App, Stack, allinone_stack, distributed_stack, stack_settings
 
 CREATES = 400
 CLIENTS = 32
@@ -29,9 +29,17 @@ async def two_replicas(mongo_url: str, amqp_url: str, workdir: Path) -> AsyncIte
         yield built
 
 
+@pytest.fixture(scope="module")
+async def own_local(mongo_url: str) -> AsyncIterator[Stack]:
+    """All-in-one on a database of its own (hundreds of groups and their notifications would
+    slow the other tests' whole-collection probes of the shared one)."""
+    async with allinone_stack("local", stack_settings(mongo_url, None)) as built:
+        yield built
+
+
 @pytest.fixture(params=["local", "two-replicas"])
 def any_stack(request: pytest.FixtureRequest) -> Stack:
-    name = "local_stack" if request.param == "local" else "two_replicas"
+    name = "own_local" if request.param == "local" else "two_replicas"
     stack: Stack = request.getfixturevalue(name)
     return stack
 
