@@ -25,6 +25,7 @@ from shared.internal import (
 )
 from shared.jsonio import json_response
 from shared.logs import request_id_of
+from shared.metrics import PENDING_MESSAGES, backlog_probes
 from shared.mongo import Document
 from shared.settings import Settings
 from shared.web import (
@@ -307,6 +308,12 @@ def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
             ["group.#"],
             messages.on_group_event,
         )
+        posts = app[DB]["messages_posts"]
+
+        async def pending_messages() -> None:
+            PENDING_MESSAGES.set(await posts.count_documents({"state": "pending"}))
+
+        backlog_probes(app).append(pending_messages)
         recovery = asyncio.create_task(
             messages.run_recovery(settings.outbox_relay_interval, settings.outbox_grace),
             name="messages-recovery",
