@@ -19,6 +19,7 @@ from aiohttp import web
 
 from parley.allinone import SERVICE_FACTORIES, create_allinone_app
 from parley.deploy import render_compose_nginx, render_k8s
+from parley.embedded import EmbeddedStore
 from parley.servers import ServerError, start_ferretdb
 from services.auth.domain import AuthDomain
 from services.auth.repository import INDEXES as AUTH_INDEXES
@@ -78,33 +79,39 @@ def _run_app(app: web.Application, settings: Settings) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    ferret = None
+    store: EmbeddedStore | None = None
     extra: dict[str, Any] = {}
     if args.mongo_url is None:
         data_dir = Path(args.data).resolve()
+        store = EmbeddedStore(
+            data_dir / "mongo",
+            args.embedded_mongo_addr,
+            postgresql_url=args.ferretdb_postgresql_url,
+        )
         try:
-            ferret = start_ferretdb(
-                data_dir / "mongo",
-                args.embedded_mongo_addr,
-                postgresql_url=args.ferretdb_postgresql_url,
-            )
+            store.start()
         except ServerError as exc:
             print(f"parley: {exc}", file=sys.stderr)
             return 1
-        extra["mongo_url"] = f"mongodb://{args.embedded_mongo_addr}/"
-    settings = _settings(args, **extra)
-    configure_logging(json=settings.log_json, level=settings.log_level)
-    app = create_allinone_app(settings)
-
-    async def announce(app: web.Application) -> None:
-        await _print_welcome(settings)
-
-    app.on_startup.append(announce)
+        extra["mongo_url"] = store.url
     try:
+        settings = _settings(args, **extra)
+        configure_logging(json=settings.log_json, level=settings.log_level)
+        checks = {"embedded store": store.check} if store is not None else None
+        app = create_allinone_app(settings, ready_checks=checks)
+        if store is not None:
+            app.cleanup_ctx.append(store.supervise_ctx)
+
+        async def announce(app: web.Application) -> None:
+            await _print_welcome(settings)
+
+        app.on_startup.append(announce)
         _run_app(app, settings)
     finally:
-        if ferret is not None:
-            ferret.stop()
+        if store is not None:
+            store.stop()
+    if store is not None and store.failed:
+        return 1
     return 0
 
 
