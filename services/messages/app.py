@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 from aiohttp import web
@@ -27,6 +27,7 @@ from shared.jsonio import json_response
 from shared.logs import request_id_of
 from shared.metrics import PENDING_MESSAGES, backlog_probes
 from shared.mongo import Document
+from shared.openapi import Operation, Query
 from shared.settings import Settings
 from shared.web import (
     BUS,
@@ -270,6 +271,63 @@ async def internal_customer_message(request: web.Request) -> web.Response:
         request_id_of(request),
     )
     return json_response({"msg_id": post["_id"]})
+
+
+# ---- the API description (for /openapi.json) ------------------------------------------------
+
+
+class OfflineCount(BaseModel):
+    count: int
+    new: Literal[0, 1]
+
+
+class HistoryEntry(BaseModel):
+    id: int
+    command: int
+    sender: int
+    receiver: int
+    timestamp: int
+    content: str
+    sender_appid: int | None = None
+    receiver_appid: int | None = None
+
+
+class Dequeued(BaseModel):
+    success: Literal[True]
+
+
+API: dict[str, Operation] = {
+    "post_peer": Operation("Send a peer message (S11).", "server", PeerRequest, answer="empty"),
+    "post_group": Operation("Send a group message (S12).", "server", PeerRequest, answer="empty"),
+    "post_system": Operation(
+        "Send a system message (S13).", "server", SystemRequest, answer="empty"
+    ),
+    "post_notification": Operation(
+        "Send a notification, not stored (S14).", "server", NotificationRequest, answer="empty"
+    ),
+    "post_group_notification": Operation(
+        "Send a group notification (S15).", "server", GroupNotificationRequest, answer="empty"
+    ),
+    "post_room": Operation(
+        "Send a room message, not stored (S16).", "server", PeerRequest, answer="empty"
+    ),
+    "offline_count": Operation(
+        "How many messages a user has not synced (S19).",
+        "server_or_bearer",
+        data=OfflineCount,
+        query=(
+            Query("uid", int, "the user (server calls)"),
+            Query("customer_id", str, "a visitor's customer id (server calls)"),
+        ),
+    ),
+    "history": Operation(
+        "The caller's recent messages (S20).",
+        "bearer",
+        data=list[HistoryEntry],
+        query=(Query("store", int, "only customer-service messages with this store's agents"),),
+    ),
+    "dequeue": Operation("Kept for old web clients; does nothing (X4).", "bearer", data=Dequeued),
+}
 
 
 HANDLERS = {
