@@ -269,9 +269,14 @@ class RabbitBus(Bus):
         # A confirm (ack) means the broker has the message; a nack or a return raises.
         started = time.perf_counter()
         try:
-            await self._exchange.publish(
-                message, routing_key, mandatory=True, timeout=self._publish_timeout
-            )
+            if self._connection is None or not self._connection.connected.is_set():
+                # Reconnecting: fail now rather than wait (the outbox publishes it later).
+                raise ConnectionError("not connected to RabbitMQ")
+            # The whole publish (a channel being restored included) has the deadline.
+            async with asyncio.timeout(self._publish_timeout):
+                await self._exchange.publish(
+                    message, routing_key, mandatory=True, timeout=self._publish_timeout
+                )
         except BaseException:
             PUBLISH_FAILURES.labels(routing_key).inc()
             raise

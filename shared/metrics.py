@@ -157,12 +157,15 @@ def observe_middleware(service: str, log_requests: bool) -> Middleware:
                 REQUESTS.labels(route, request.method, str(status)).inc()
                 REQUEST_SECONDS.labels(route, request.method).observe(elapsed)
             if log_requests:
+                context = structlog.contextvars.get_contextvars()
                 access_log.info(
                     "access",
                     method=request.method,
                     route=route,
                     status=status,
                     ms=round(elapsed * 1000, 2),
+                    request_id=context.get("request_id"),
+                    appid=context.get("appid"),
                 )
 
     return middleware
