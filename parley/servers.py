@@ -226,8 +226,10 @@ def port_holder(port: int) -> tuple[int, str] | None:
         try:
             for fd in (proc / "fd").iterdir():
                 if os.readlink(fd) in wanted:
-                    cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").strip()
-                    return int(proc.name), cmdline.decode(errors="replace")
+                    raw = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
+                    words = raw.decode(errors="replace").split()
+                    cmdline = " ".join(words)
+                    return int(proc.name), cmdline[:100] + ("..." if len(cmdline) > 100 else "")
         except OSError:
             continue
     return None
