@@ -94,7 +94,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except ConnectionResetError:
         # The client went away mid-request: nothing to answer, nothing to debug.
         log.info("client disconnected", path=request.path)
-        return envelope(499, "client disconnected")
+        return envelope(499, "client disconnected")  # never delivered: the client is gone
     except PyMongoError as exc:
         if not store_unavailable(exc):
             log.exception("unhandled error")

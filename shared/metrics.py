@@ -10,6 +10,7 @@ in outboxes, messages still pending) are counted in MongoDB when ``/metrics`` is
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
@@ -117,6 +118,8 @@ STORE_RESTARTS = Counter(
 
 access_log = structlog.get_logger("parley.access")
 
+CLIENT_CLOSED = 499  # nginx's status for a request whose client went away
+
 # Set on a request once it has been observed: in the all-in-one process a request passes the
 # edge's middleware and its service's, and must be counted (and logged) once.
 _OBSERVED = web.RequestKey("parley_observed", bool)
@@ -149,6 +152,13 @@ def observe_middleware(service: str, log_requests: bool) -> Middleware:
             return response
         except web.HTTPException as exc:
             status = exc.status
+            raise
+        except asyncio.CancelledError:
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                # The client went away (the server cancels its handler): one info line.
+                status = CLIENT_CLOSED
+                structlog.get_logger("parley.errors").info("client disconnected", path=request.path)
             raise
         finally:
             elapsed = time.perf_counter() - started
