@@ -109,9 +109,10 @@ def _die_with_parent(parent: int) -> Callable[[], None]:
     Linux ties this to the parent *thread*: spawn from a thread that lives as long as the
     process (the main thread, or the event loop's)."""
 
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
+
     def preexec() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(1)
 
