@@ -19,12 +19,20 @@ from services.customer.app import create_app as create_customer
 from services.groups.app import create_app as create_groups
 from services.messages.app import create_app as create_messages
 from shared.bus import Bus, LocalBus, RabbitBus
-from shared.errors import error_middleware
-from shared.logs import request_context_middleware
-from shared.mongo import make_client
+from shared.mongo import make_client, ping
 from shared.routing import path_regex, service_paths
 from shared.settings import Settings
-from shared.web import BUS, DB, SETTINGS, Deps, healthz
+from shared.web import (
+    BUS,
+    DB,
+    READY_CHECKS,
+    READY_TIMEOUT,
+    SETTINGS,
+    Deps,
+    ReadyCheck,
+    add_operations_routes,
+    operations_middlewares,
+)
 
 ServiceFactory = Callable[[Settings, Deps], web.Application]
 
@@ -72,21 +80,19 @@ def create_allinone_app(
     settings: Settings,
     factories: Mapping[str, ServiceFactory] = SERVICE_FACTORIES,
     deps: Deps | None = None,
+    ready_checks: Mapping[str, ReadyCheck] | None = None,
 ) -> web.Application:
+    """The edge app. ``ready_checks`` are added to ``/readyz``'s (MongoDB, RabbitMQ when
+    used): ``parley run`` adds its embedded store's."""
     deps = deps or Deps()
-    edge = web.Application(
-        middlewares=[
-            request_context_middleware("edge", settings.request_id_header),
-            error_middleware,
-        ]
-    )
+    edge = web.Application(middlewares=operations_middlewares("edge", settings))
     edge[SETTINGS] = settings
-    edge.router.add_get("/healthz", healthz)
+    edge[READY_CHECKS] = dict(ready_checks or {})
 
     async def shared_resources(app: web.Application) -> AsyncIterator[None]:
         client = None
         if deps.db is None:
-            client = make_client(settings.mongo_url)
+            client = make_client(settings.mongo_url, timeout=settings.mongo_timeout)
             deps.db = client[settings.mongo_db]
         own_bus = deps.bus is None
         if deps.bus is None:
@@ -94,6 +100,13 @@ def create_allinone_app(
             await deps.bus.start()
         app[DB] = deps.db
         app[BUS] = deps.bus
+        db = deps.db
+
+        async def mongodb() -> None:
+            await ping(db, READY_TIMEOUT)
+
+        app[READY_CHECKS]["mongodb"] = mongodb
+        app[READY_CHECKS].update(deps.bus.ready_checks())
         try:
             yield
         finally:
@@ -103,6 +116,7 @@ def create_allinone_app(
                 await client.close()
 
     services = [(name, factory(settings, deps)) for name, factory in factories.items()]
+    add_operations_routes(edge, lambda request: [edge, *(s for _, s in services)])
     for name, service in services:
         service.pre_freeze()  # routes and middleware fixed now; state is set at startup
         edge.router.register_resource(MatchedSubAppResource(TableRule(name), service))

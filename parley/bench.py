@@ -97,6 +97,14 @@ class Bench:
         self.cost = cost
         self.preload_users = preload_users
         self.preload_messages = preload_messages
+        self.groups: list[int] = []  # created by the setup
+
+    async def remove_groups(self) -> None:
+        """Disbands the groups the setup created (the run used an existing app)."""
+        async with aiohttp.ClientSession() as http:
+            for gid in self.groups:
+                async with http.delete(f"{self.url}/groups/{gid}", headers=self.server):
+                    pass
 
     # ---- plumbing ----
 
@@ -186,10 +194,17 @@ class Bench:
 
     # ---- setup and families ----
 
+    def note(self, text: str, done: bool = True) -> None:
+        """A setup progress line (rewritten in place until ``done``)."""
+        if not self.quiet:
+            sys.stderr.write(f"\rsetup: {text}   " + ("\n" if done else ""))
+            sys.stderr.flush()
+
     async def setup(self, families: list[str]) -> dict[str, Any]:
         state: dict[str, Any] = {"tokens": []}
         if "history" in families or "grant" in families:
             for uid in range(1, 201):
+                self.note(f"granting tokens {uid}/200", done=uid == 200)
                 status, body = await self.call(
                     "POST",
                     "/auth/grant",
@@ -200,6 +215,7 @@ class Bench:
                     raise RuntimeError(f"cannot grant tokens: {status} {body[:200]!r}")
                 state["tokens"].append(json.loads(body)["data"]["token"])
         if "group" in families:
+            self.note(f"creating a {GROUP_SIZE}-member group")
             status, body = await self.call(
                 "POST",
                 "/groups",
@@ -207,6 +223,7 @@ class Bench:
                 headers=self.server,
             )
             state["big_group"] = json.loads(body)["data"]["group_id"]
+            self.groups.append(state["big_group"])
         if "groups" in families:
             status, body = await self.call(
                 "POST",
@@ -215,8 +232,10 @@ class Bench:
                 headers=self.server,
             )
             state["churn_group"] = json.loads(body)["data"]["group_id"]
+            self.groups.append(state["churn_group"])
         if "history" in families:
             for n in range(100):  # something to read
+                self.note(f"posting messages to read {n + 1}/100", done=n == 99)
                 await self.call(
                     "POST",
                     "/messages/peers",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import importlib.metadata
 import json
 import signal
 import sys
@@ -18,27 +19,40 @@ from typing import Any
 
 from aiohttp import web
 
-from parley.allinone import SERVICE_FACTORIES, create_allinone_app
 from parley.benchcost import CostMeter
 from parley.deploy import render_compose_nginx, render_k8s
+from parley.embedded import EmbeddedStore
 from parley.servers import ServerError, private_dir, start_ferretdb
 from services.auth.domain import AuthDomain
+from services.auth.repository import APPS, AuthRepository
 from services.auth.repository import INDEXES as AUTH_INDEXES
-from services.auth.repository import AuthRepository
 from services.customer.domain import INDEXES as CUSTOMER_INDEXES
 from services.customer.domain import CustomerDomain
-from shared.errors import ParleyError
+from shared.errors import ParleyError, store_unavailable
 from shared.gateway import render_ingress, render_nginx
 from shared.logs import configure_logging
 from shared.mongo import ensure_indexes, make_client
-from shared.routing import SERVICES
+from shared.routing import ROUTES, SERVICES
 from shared.server import run_app
 from shared.settings import (
     EMBEDDED_MONGO_ADDR,
+    EMBEDDED_MONGO_URL,
     INTERNAL_SECRET_MIN_BYTES,
     Settings,
     split_addr,
 )
+
+try:
+    VERSION = importlib.metadata.version("parley")
+except importlib.metadata.PackageNotFoundError:  # pragma: no cover - run from a source tree
+    VERSION = "unknown"
+
+# The all-in-one runner's start order (parley.allinone.SERVICE_FACTORIES, imported lazily:
+# management commands start faster without every service's module).
+SERVICE_ORDER = ("auth", "groups", "customer", "messages")
+
+# Management commands give up on an unreachable store after this many seconds.
+MANAGEMENT_TIMEOUT = 2.0
 
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
@@ -86,33 +100,41 @@ def _run_app(app: web.Application, settings: Settings) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    ferret = None
+    store: EmbeddedStore | None = None
     extra: dict[str, Any] = {}
     if args.mongo_url is None:
         data_dir = private_dir(Path(args.data).resolve())
+        store = EmbeddedStore(
+            data_dir / "mongo",
+            args.embedded_mongo_addr,
+            postgresql_url=args.ferretdb_postgresql_url,
+        )
         try:
-            ferret = start_ferretdb(
-                data_dir / "mongo",
-                args.embedded_mongo_addr,
-                postgresql_url=args.ferretdb_postgresql_url,
-            )
+            store.start()
         except ServerError as exc:
             print(f"parley: {exc}", file=sys.stderr)
             return 1
-        extra["mongo_url"] = f"mongodb://{args.embedded_mongo_addr}/"
-    settings = _settings(args, **extra)
-    configure_logging(json=settings.log_json, level=settings.log_level)
-    app = create_allinone_app(settings)
-
-    async def announce(app: web.Application) -> None:
-        await _print_welcome(settings)
-
-    app.on_startup.append(announce)
+        extra["mongo_url"] = store.url
     try:
+        settings = _settings(args, **extra)
+        configure_logging(json=settings.log_json, level=settings.log_level)
+        checks = {"embedded store": store.check} if store is not None else None
+        from parley.allinone import create_allinone_app
+
+        app = create_allinone_app(settings, ready_checks=checks)
+        if store is not None:
+            app.cleanup_ctx.append(store.supervise_ctx)
+
+        async def announce(app: web.Application) -> None:
+            await _print_welcome(settings)
+
+        app.on_startup.append(announce)
         _run_app(app, settings)
     finally:
-        if ferret is not None:
-            ferret.stop()
+        if store is not None:
+            store.stop()
+    if store is not None and store.failed:
+        return 1
     return 0
 
 
@@ -131,10 +153,10 @@ async def _print_welcome(settings: Settings) -> None:
     app = apps[0]
     host, port = split_addr(settings.http_addr)
     base = f"http://{host}:{port}"
-    basic = f"{app.appid}:{hashlib.md5(app.secret.encode()).hexdigest()}"
+    basic = md5_credential(app.appid, app.secret)
     bus = "RabbitMQ" if settings.amqp_url else "in-process"
     lines = [
-        f"Parley is listening on {base} (services: {', '.join(SERVICE_FACTORIES)}; bus: {bus})",
+        f"Parley is listening on {base} (services: {', '.join(SERVICE_ORDER)}; bus: {bus})",
         f"MongoDB: {settings.mongo_url} database {settings.mongo_db!r}",
     ]
     if created:
@@ -174,6 +196,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             + ("open to every caller" if not settings.internal_secret else "on a short secret"),
             file=sys.stderr,
         )
+    from parley.allinone import SERVICE_FACTORIES
+
     factory = SERVICE_FACTORIES.get(args.service)
     if factory is None:
         print(f"parley serve: service {args.service!r} is not built yet", file=sys.stderr)
@@ -203,6 +227,18 @@ def cmd_gateway_config(args: argparse.Namespace) -> int:
             print(f"parley gateway-config: {exc}", file=sys.stderr)
             return 2
         upstreams.setdefault(service, []).append(addr)
+    missing = [s for s in SERVICES if s not in upstreams]
+    if missing:
+        unrouted = [f"{r.method} {r.path}" for r in ROUTES if r.service in missing]
+        print(
+            f"parley gateway-config: no --upstream for {', '.join(missing)}: "
+            f"{len(unrouted)} routes would answer 404 ({', '.join(unrouted[:6])}"
+            f"{', ...' if len(unrouted) > 6 else ''}). Give every service an upstream "
+            "(--upstream SERVICE=HOST:PORT), or pass --partial.",
+            file=sys.stderr,
+        )
+        if not args.partial:
+            return 2
     sys.stdout.write(render_nginx(upstreams, listen=args.listen))
     return 0
 
@@ -293,8 +329,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if unknown:
         print(f"parley bench: unknown families {sorted(unknown)}", file=sys.stderr)
         return 2
-    if args.appid is None:
-        app = asyncio.run(_with_auth(settings, "create", "bench"))
+    created = args.appid is None
+    if created:
+        if not args.json:
+            print("bench: creating an app for the run", file=sys.stderr)
+        try:
+            app = asyncio.run(_with_auth(settings, "create", "bench"))
+        except Exception as exc:
+            return _unreachable("bench", settings, exc)
         appid, secret = app.appid, app.secret
     else:
         appid, secret = args.appid, args.secret or ""
@@ -311,7 +353,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         preload_users=args.preload_users or (20_000 if args.preload else 0),
         preload_messages=args.preload_messages or (50_000 if args.preload else 0),
     )
-    results = asyncio.run(bench.run(families))
+    try:
+        results = asyncio.run(bench.run(families))
+    finally:
+        if not args.keep:
+            if created:
+                asyncio.run(remove_app(settings, appid))
+            else:
+                asyncio.run(bench.remove_groups())
+            if not args.json:
+                what = f"app {appid} and its data" if created else "its groups"
+                print(f"bench: removed {what} (--keep keeps them)", file=sys.stderr)
     if args.json:
         print(
             json.dumps(
@@ -329,6 +381,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
         print(table(results, header))
     return 0
+
+
+async def remove_app(settings: Settings, appid: int) -> None:
+    """Deletes an app and every document of it (the bench's throwaway app). No events: the
+    app and everything in it disappear together."""
+    client = make_client(settings.mongo_url, timeout=MANAGEMENT_TIMEOUT * 10)
+    try:
+        db = client[settings.mongo_db]
+        for name in await db.list_collection_names():
+            await db[name].delete_many({"appid": appid})
+        await db[APPS].delete_one({"_id": appid})
+    finally:
+        await client.close()
 
 
 # ---- parley deploy-config -----------------------------------------------------------------
@@ -354,8 +419,27 @@ def cmd_deploy_config(args: argparse.Namespace) -> int:
 # ---- parley app ---------------------------------------------------------------------------
 
 
+def _unreachable(command: str, settings: Settings, exc: BaseException) -> int:
+    """One line for a store that does not answer, instead of the driver's report."""
+    if store_unavailable(exc):
+        why = f"no answer in {MANAGEMENT_TIMEOUT:g}s"
+    else:
+        why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    print(
+        f"parley {command}: cannot reach MongoDB at {settings.mongo_url} ({why}); "
+        "is `parley run` (or your MongoDB) running? Pass --mongo-url to use another.",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def md5_credential(appid: int, secret: str) -> str:
+    """The ``-u`` value of server calls: ``appid:md5hex(secret)``."""
+    return f"{appid}:{hashlib.md5(secret.encode()).hexdigest()}"
+
+
 async def _with_auth(settings: Settings, action: str, name: str | None) -> Any:
-    client = make_client(settings.mongo_url)
+    client = make_client(settings.mongo_url, timeout=MANAGEMENT_TIMEOUT)
     try:
         db = client[settings.mongo_db]
         await ensure_indexes(db, AUTH_INDEXES)
@@ -373,13 +457,18 @@ def cmd_app(args: argparse.Namespace) -> int:
     try:
         result = asyncio.run(_with_auth(settings, args.action, getattr(args, "name", None)))
     except Exception as exc:
-        print(f"parley app: cannot reach MongoDB at {settings.mongo_url}: {exc}", file=sys.stderr)
-        return 1
+        return _unreachable("app", settings, exc)
     apps = [result] if args.action == "create" else result
     rows = [{"appid": a.appid, "key": a.key, "secret": a.secret, "name": a.name} for a in apps]
     if args.action == "create":
         row = {k: rows[0][k] for k in ("appid", "key", "secret")}
-        print(json.dumps(row) if args.json else "\n".join(f"{k}: {v}" for k, v in row.items()))
+        if args.json:
+            print(json.dumps(row))
+        else:
+            lines = [f"{k}: {v}" for k, v in row.items()]
+            basic = md5_credential(row["appid"], row["secret"])
+            lines.append(f"server calls: curl -u {basic} ...  (appid:md5 of the secret)")
+            print("\n".join(lines))
     elif args.json:
         print(json.dumps(rows))
     else:
@@ -392,7 +481,7 @@ def cmd_app(args: argparse.Namespace) -> int:
 
 
 async def _store_action(settings: Settings, args: argparse.Namespace) -> dict[str, int]:
-    client = make_client(settings.mongo_url)
+    client = make_client(settings.mongo_url, timeout=MANAGEMENT_TIMEOUT)
     try:
         db = client[settings.mongo_db]
         await ensure_indexes(db, CUSTOMER_INDEXES)
@@ -416,8 +505,7 @@ def cmd_store(args: argparse.Namespace) -> int:
         print(f"parley store: {exc.message}", file=sys.stderr)
         return 1
     except Exception as exc:
-        print(f"parley store: cannot reach MongoDB at {settings.mongo_url}: {exc}", file=sys.stderr)
-        return 1
+        return _unreachable("store", settings, exc)
     if args.json:
         print(json.dumps(result))
     else:
@@ -429,33 +517,75 @@ def cmd_store(args: argparse.Namespace) -> int:
 # ---- argument parsing ---------------------------------------------------------------------
 
 
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default: the value, or (for options whose default
+    comes from a setting) the help text names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
+ENV_HTTP = "default: $PARLEY_HTTP_ADDR or 127.0.0.1:8080"
+ENV_MONGO = f"default: $PARLEY_MONGO_URL or {EMBEDDED_MONGO_URL}"
+
+
+def _sub(sub: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, formatter_class=DefaultsFormatter, **kwargs
+    )
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="parley", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="parley", description=__doc__, formatter_class=DefaultsFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"parley {VERSION}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="every service in one process (all-in-one)")
-    run.add_argument("--http-addr", default=None, help="HOST:PORT to listen on (127.0.0.1:8080)")
-    run.add_argument("--data", default="./parley-data", help="data directory (./parley-data)")
-    run.add_argument("--mongo-url", default=None, help="use this MongoDB instead of FerretDB")
-    run.add_argument("--amqp-url", default=None, help="use RabbitMQ instead of the in-process bus")
+    run = _sub(sub, "run", help="every service in one process (all-in-one)")
+    run.add_argument("--http-addr", default=None, help=f"HOST:PORT to listen on ({ENV_HTTP})")
+    run.add_argument("--data", default="./parley-data", help="data directory")
+    run.add_argument(
+        "--mongo-url",
+        default=None,
+        help="use this MongoDB instead of FerretDB (default: $PARLEY_MONGO_URL, or the "
+        "embedded FerretDB)",
+    )
+    run.add_argument(
+        "--amqp-url",
+        default=None,
+        help="use RabbitMQ instead of the in-process bus (default: $PARLEY_AMQP_URL, or the "
+        "in-process bus)",
+    )
     run.add_argument(
         "--embedded-mongo-addr",
         default=EMBEDDED_MONGO_ADDR,
-        help=f"where the embedded FerretDB listens ({EMBEDDED_MONGO_ADDR})",
+        help="where the embedded FerretDB listens",
     )
     run.add_argument(
         "--ferretdb-postgresql-url",
         default=None,
-        help="store the embedded FerretDB's data in this PostgreSQL database, not SQLite",
+        help="store the embedded FerretDB's data in this PostgreSQL database "
+        "(default: SQLite files under DATA/mongo)",
     )
     run.set_defaults(func=cmd_run)
 
-    serve = sub.add_parser("serve", help="run one service")
+    serve = _sub(sub, "serve", help="run one service")
     serve.add_argument("service", choices=SERVICES)
-    serve.add_argument("--http-addr", default=None)
-    serve.add_argument("--mongo-url", default=None)
-    serve.add_argument("--amqp-url", default=None)
-    serve.add_argument("--auth-url", default=None, help="the auth service's base URL")
+    serve.add_argument("--http-addr", default=None, help=f"HOST:PORT to listen on ({ENV_HTTP})")
+    serve.add_argument("--mongo-url", default=None, help=f"MongoDB URL ({ENV_MONGO})")
+    serve.add_argument(
+        "--amqp-url", default=None, help="RabbitMQ URL (default: $PARLEY_AMQP_URL; required)"
+    )
+    serve.add_argument(
+        "--auth-url",
+        default=None,
+        help="the auth service's base URL (default: $PARLEY_AUTH_URL or http://127.0.0.1:8081)",
+    )
     serve.add_argument(
         "--insecure-internal",
         action="store_true",
@@ -464,56 +594,97 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(func=cmd_serve)
 
-    gateway = sub.add_parser("gateway-config", help="render the edge configuration")
-    gateway.add_argument("--format", choices=("nginx", "ingress"), default="nginx")
+    gateway = _sub(sub, "gateway-config", help="render the edge configuration")
+    gateway.add_argument(
+        "--format", choices=("nginx", "ingress"), default="nginx", help="what to render"
+    )
     gateway.add_argument(
         "--upstream",
         action="append",
         metavar="SERVICE=HOST:PORT",
-        help="a replica of a service (repeat for each replica and service)",
+        help="a replica of a service (repeat for each replica and service; every service "
+        "needs one) (default: none)",
+    )
+    gateway.add_argument(
+        "--partial",
+        action="store_true",
+        help="render even if some services have no --upstream (their paths answer 404)",
     )
     gateway.add_argument("--listen", default="0.0.0.0:8080", help="nginx listen address")
-    gateway.add_argument("--host", default=None, help="Ingress host name")
+    gateway.add_argument("--host", default=None, help="Ingress host name (default: none, any host)")
     gateway.add_argument("--namespace", default="parley", help="Ingress namespace")
     gateway.set_defaults(func=cmd_gateway_config)
 
-    cluster = sub.add_parser(
-        "cluster", help="distributed Parley on this machine (a process per service, nginx)"
+    cluster = _sub(
+        sub, "cluster", help="distributed Parley on this machine (a process per service, nginx)"
     )
-    cluster.add_argument("--http-addr", default=None, help="the edge (127.0.0.1:8080)")
+    cluster.add_argument("--http-addr", default=None, help=f"the edge ({ENV_HTTP})")
     cluster.add_argument("--data", default="./parley-cluster", help="data and logs directory")
     cluster.add_argument("--replicas", type=int, default=1, help="replicas of each service")
-    cluster.add_argument("--mongo-url", default=None, help="use this MongoDB, not FerretDB")
-    cluster.add_argument("--amqp-url", default=None, help="use this RabbitMQ, not its own")
-    cluster.add_argument("--embedded-mongo-addr", default=EMBEDDED_MONGO_ADDR)
-    cluster.add_argument("--ferretdb-postgresql-url", default=None)
+    cluster.add_argument(
+        "--mongo-url", default=None, help="use this MongoDB (default: its own FerretDB)"
+    )
+    cluster.add_argument(
+        "--amqp-url", default=None, help="use this RabbitMQ (default: its own RabbitMQ node)"
+    )
+    cluster.add_argument(
+        "--embedded-mongo-addr", default=EMBEDDED_MONGO_ADDR, help="where its FerretDB listens"
+    )
+    cluster.add_argument(
+        "--ferretdb-postgresql-url",
+        default=None,
+        help="its FerretDB's PostgreSQL database (default: SQLite files under DATA/mongo)",
+    )
     cluster.set_defaults(func=cmd_cluster)
 
-    bench = sub.add_parser("bench", help="load through the edge; requests/s, latency, event lag")
+    bench = _sub(sub, "bench", help="load through the edge; requests/s, latency, event lag")
     bench.add_argument("--url", default="http://127.0.0.1:8080", help="Parley's base URL")
-    bench.add_argument("--mongo-url", default=None, help="where to create the bench app")
-    bench.add_argument("--appid", type=int, default=None, help="use this app instead")
-    bench.add_argument("--secret", default=None, help="its secret")
-    bench.add_argument("--amqp-url", default=None, help="RabbitMQ, to measure event lag")
-    bench.add_argument("--duration", type=float, default=10.0, help="seconds per family")
-    bench.add_argument("--concurrency", type=int, default=32)
     bench.add_argument(
-        "--families", default=",".join(("grant", "groups", "peer", "group", "history"))
+        "--mongo-url", default=None, help=f"where to create the bench app ({ENV_MONGO})"
     )
-    bench.add_argument("--json", action="store_true")
+    bench.add_argument(
+        "--appid", type=int, default=None, help="use this app (default: create one, then remove it)"
+    )
+    bench.add_argument("--secret", default=None, help="the --appid app's secret (default: none)")
+    bench.add_argument(
+        "--amqp-url", default=None, help="RabbitMQ, to measure event lag (default: not measured)"
+    )
+    bench.add_argument("--duration", type=float, default=10.0, help="seconds per family")
+    bench.add_argument("--concurrency", type=int, default=32, help="requests in flight")
+    bench.add_argument(
+        "--families",
+        default=",".join(("grant", "groups", "peer", "group", "history")),
+        help="comma-separated endpoint families, run in this order",
+    )
+    bench.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep what the run created (its app and data; its groups with --appid)",
+    )
+    bench.add_argument("--json", action="store_true", help="print the results as JSON")
     bench.add_argument(
         "--preload",
         action="store_true",
         help="fill the store first: 20,000 users, 50,000 messages (100,000+ inbox entries)",
     )
-    bench.add_argument("--preload-users", type=int, default=0, help="users to grant first")
-    bench.add_argument("--preload-messages", type=int, default=0, help="messages to send first")
+    bench.add_argument(
+        "--preload-users",
+        type=int,
+        default=0,
+        help="users to grant first (default: 0; 20,000 with --preload)",
+    )
+    bench.add_argument(
+        "--preload-messages",
+        type=int,
+        default=0,
+        help="messages to send first (default: 0; 50,000 with --preload)",
+    )
     bench.add_argument(
         "--watch",
         action="append",
         default=[],
         metavar="NAME=PID",
-        help="a process whose CPU per request to report (repeatable)",
+        help="a process whose CPU per request to report (repeatable; default: none)",
     )
     bench.add_argument(
         "--watch-port",
@@ -531,36 +702,40 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-metrics", action="store_true", help="do not count store commands")
     bench.set_defaults(func=cmd_bench)
 
-    deploy = sub.add_parser(
-        "deploy-config", help="render the Kubernetes manifests or docker-compose's edge config"
+    deploy = _sub(
+        sub, "deploy-config", help="render the Kubernetes manifests or docker-compose's edge config"
     )
-    deploy.add_argument("--format", choices=("k8s", "compose-nginx"), required=True)
-    deploy.add_argument("--out", default=None, help="k8s: write the files into this directory")
+    deploy.add_argument(
+        "--format", choices=("k8s", "compose-nginx"), required=True, help="what to render"
+    )
+    deploy.add_argument(
+        "--out", default=None, help="k8s: write the files into this directory (default: print them)"
+    )
     deploy.set_defaults(func=cmd_deploy_config)
 
-    app = sub.add_parser("app", help="manage apps")
+    app = _sub(sub, "app", help="manage apps")
     app_sub = app.add_subparsers(dest="action", required=True)
-    create = app_sub.add_parser("create", help="create an app; prints appid, key and secret")
-    create.add_argument("--name", required=True)
-    create.add_argument("--json", action="store_true")
-    create.add_argument("--mongo-url", default=None)
-    listing = app_sub.add_parser("list", help="list apps")
-    listing.add_argument("--json", action="store_true")
-    listing.add_argument("--mongo-url", default=None)
+    create = _sub(app_sub, "create", help="create an app; prints appid, key and secret")
+    create.add_argument("--name", required=True, help="the app's name")
+    create.add_argument("--json", action="store_true", help="print JSON")
+    create.add_argument("--mongo-url", default=None, help=f"MongoDB URL ({ENV_MONGO})")
+    listing = _sub(app_sub, "list", help="list apps")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.add_argument("--mongo-url", default=None, help=f"MongoDB URL ({ENV_MONGO})")
     app.set_defaults(func=cmd_app)
 
-    store = sub.add_parser("store", help="manage customer-service stores and their agents")
+    store = _sub(sub, "store", help="manage customer-service stores and their agents")
     store_sub = store.add_subparsers(dest="action", required=True)
-    store_create = store_sub.add_parser("create", help="give an app its store; prints store_id")
+    store_create = _sub(store_sub, "create", help="give an app its store; prints store_id")
     store_create.add_argument("--app", type=int, required=True, help="the app's appid")
-    store_create.add_argument("--name", required=True)
-    store_create.add_argument("--json", action="store_true")
-    store_create.add_argument("--mongo-url", default=None)
-    add_agent = store_sub.add_parser("add-agent", help="add an agent; prints seller_id")
+    store_create.add_argument("--name", required=True, help="the store's name")
+    store_create.add_argument("--json", action="store_true", help="print JSON")
+    store_create.add_argument("--mongo-url", default=None, help=f"MongoDB URL ({ENV_MONGO})")
+    add_agent = _sub(store_sub, "add-agent", help="add an agent; prints seller_id")
     add_agent.add_argument("--store", type=int, required=True, help="the store's store_id")
     add_agent.add_argument("--name", required=True, help="the agent's name (often an e-mail)")
-    add_agent.add_argument("--json", action="store_true")
-    add_agent.add_argument("--mongo-url", default=None)
+    add_agent.add_argument("--json", action="store_true", help="print JSON")
+    add_agent.add_argument("--mongo-url", default=None, help=f"MongoDB URL ({ENV_MONGO})")
     store.set_defaults(func=cmd_store)
     return parser
 

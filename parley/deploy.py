@@ -96,7 +96,15 @@ def _deployment(service: str) -> dict[str, Any]:
             "replicas": REPLICAS[service],
             "selector": {"matchLabels": {LABEL: name}},
             "template": {
-                "metadata": {"labels": {**PART_OF, LABEL: name}},
+                "metadata": {
+                    "labels": {**PART_OF, LABEL: name},
+                    # /metrics is served on the API port, never routed by the Ingress.
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(PORT),
+                        "prometheus.io/path": "/metrics",
+                    },
+                },
                 "spec": {
                     "securityContext": {"runAsNonRoot": True, "runAsUser": 10001},
                     # Long enough for a SIGTERM to drain requests and hand back queued events.
@@ -111,7 +119,9 @@ def _deployment(service: str) -> dict[str, Any]:
                                 {"configMapRef": {"name": "parley-config"}},
                                 {"secretRef": {"name": "parley-secrets"}},
                             ],
-                            "readinessProbe": _probe("/healthz", 5, 3),
+                            # Ready: MongoDB and RabbitMQ answer (/readyz); alive: the process
+                            # answers (/healthz), so a broker outage does not restart pods.
+                            "readinessProbe": _probe("/readyz", 5, 3),
                             "livenessProbe": _probe("/healthz", 10, 6),
                             "resources": RESOURCES,
                             "securityContext": {
@@ -192,6 +202,28 @@ def _network_policies() -> list[dict[str, Any]]:
                 "ingress": [
                     {
                         "from": [INGRESS_CONTROLLER, {"podSelector": pods}],
+                        "ports": [{"protocol": "TCP", "port": PORT}],
+                    }
+                ],
+            },
+        },
+        {
+            # Prometheus (in the `monitoring` namespace) scrapes /metrics on each pod.
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": _meta("parley-from-monitoring"),
+            "spec": {
+                "podSelector": pods,
+                "policyTypes": ["Ingress"],
+                "ingress": [
+                    {
+                        "from": [
+                            {
+                                "namespaceSelector": {
+                                    "matchLabels": {"kubernetes.io/metadata.name": "monitoring"}
+                                }
+                            }
+                        ],
                         "ports": [{"protocol": "TCP", "port": PORT}],
                     }
                 ],

@@ -12,6 +12,7 @@ with a random cookie and a dedicated user with a random password (no ``guest``).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import secrets
 import shutil
@@ -20,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -156,6 +158,25 @@ class Process:
             return ""
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """A ``preexec_fn`` that asks Linux to send the child SIGTERM when its parent dies, even
+    by SIGKILL (``prctl(PR_SET_PDEATHSIG)``), so no server outlives the Parley that started it.
+    Linux ties this to the parent *thread*: spawn from a thread that lives as long as the
+    process (the main thread, or the event loop's)."""
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
 def _spawn(
     name: str,
     argv: list[str],
@@ -176,6 +197,7 @@ def _spawn(
             cwd=cwd,
             start_new_session=True,
             umask=0o077,
+            preexec_fn=_die_with_parent(os.getpid()) if sys.platform == "linux" else None,
         )
     return Process(name, popen, log_path)
 
@@ -203,18 +225,33 @@ def start_ferretdb(
 ) -> Process:
     """FerretDB on SQLite files under ``data_dir`` (or on PostgreSQL at ``postgresql_url``),
     listening on ``addr`` (HOST:PORT)."""
+    process = spawn_ferretdb(data_dir, addr, postgresql_url=postgresql_url)
+    wait_ferretdb(process, addr, timeout)
+    return process
+
+
+def spawn_ferretdb(data_dir: Path, addr: str, *, postgresql_url: str | None = None) -> Process:
+    """Starts FerretDB without waiting for it (see ``wait_ferretdb``); refuses a port that
+    another process holds, naming it."""
     host, _, port = addr.rpartition(":")
     if port_open(host, int(port)):
+        holder = port_holder(int(port))
+        who = f"PID {holder[0]} ({holder[1]})" if holder else "another process"
         raise ServerError(
-            f"{addr} is already in use: is another `parley run` running? "
-            "Pick another --embedded-mongo-addr, or pass --mongo-url."
+            f"{addr} is already in use by {who}: a FerretDB left by an earlier `parley run`, "
+            "or another one running? Stop it, pick another --embedded-mongo-addr, "
+            "or pass --mongo-url."
         )
     binary = find_ferretdb()
     private_dir(data_dir)
     argv = [str(binary), "--listen-addr", addr, "--sqlite-url", f"file:{data_dir}/"]
     if postgresql_url:
         argv += ["--postgresql-url", postgresql_url]
-    process = _spawn("ferretdb", argv, data_dir / "ferretdb.log", cwd=data_dir)
+    return _spawn("ferretdb", argv, data_dir / "ferretdb.log", cwd=data_dir)
+
+
+def wait_ferretdb(process: Process, addr: str, timeout: float = 60.0) -> None:
+    """Returns once FerretDB answers a ``ping`` (stops it and raises if it does not)."""
 
     def ping() -> bool:
         client: MongoClient[dict[str, object]] = MongoClient(
@@ -227,7 +264,38 @@ def start_ferretdb(
             client.close()
 
     _wait(process, ping, timeout, "FerretDB")
-    return process
+
+
+def port_holder(port: int) -> tuple[int, str] | None:
+    """(PID, command line) of the process listening on TCP ``port``, from ``/proc`` (None when
+    it cannot be seen: another user's process, or not Linux)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            # local_address is HEXIP:HEXPORT; state 0A is LISTEN.
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":")[1], 16) == port:
+                inodes.add(fields[9])
+    if not inodes:
+        return None
+    wanted = {f"socket:[{inode}]" for inode in inodes}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            for fd in (proc / "fd").iterdir():
+                if os.readlink(fd) in wanted:
+                    raw = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
+                    words = raw.decode(errors="replace").split()
+                    cmdline = " ".join(words)
+                    return int(proc.name), cmdline[:100] + ("..." if len(cmdline) > 100 else "")
+        except OSError:
+            continue
+    return None
 
 
 def start_rabbitmq(base_dir: Path, port: int, *, timeout: float = 90.0) -> Process:

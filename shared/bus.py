@@ -20,6 +20,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,14 @@ from aio_pika.abc import (
 )
 
 from shared.events import Event, MalformedEvent, parse_event
+from shared.metrics import (
+    CONFIRM_SECONDS,
+    EVENTS_CONSUMED,
+    EVENTS_DEAD_LETTERED,
+    EVENTS_PUBLISHED,
+    EVENTS_REDELIVERED,
+    PUBLISH_FAILURES,
+)
 
 log = structlog.get_logger("parley.bus")
 
@@ -98,6 +107,10 @@ class Bus(abc.ABC):
     async def take_dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         """Remove and return up to ``limit`` dead-lettered events (oldest first)."""
 
+    def ready_checks(self) -> dict[str, Callable[[], Awaitable[None]]]:
+        """Readiness checks of this transport, by name (none for the in-process bus)."""
+        return {}
+
 
 async def _dispatch(
     queue: str,
@@ -108,6 +121,23 @@ async def _dispatch(
     handler: EventHandler,
 ) -> str:
     """Run one delivery through ``handler``; returns "ack", "requeue" or "dead"."""
+    if redelivered:
+        EVENTS_REDELIVERED.labels(queue).inc()
+    outcome = await _handle(queue, routing_key, body, redelivered, headers, handler)
+    EVENTS_CONSUMED.labels(queue, outcome).inc()
+    if outcome == "dead":
+        EVENTS_DEAD_LETTERED.labels(queue).inc()
+    return outcome
+
+
+async def _handle(
+    queue: str,
+    routing_key: str,
+    body: bytes,
+    redelivered: bool,
+    headers: dict[str, Any],
+    handler: EventHandler,
+) -> str:
     structlog.contextvars.clear_contextvars()
     request_id = headers.get("request_id")
     structlog.contextvars.bind_contextvars(queue=queue, routing_key=routing_key)
@@ -237,9 +267,29 @@ class RabbitBus(Bus):
             headers=dict(headers or {}),
         )
         # A confirm (ack) means the broker has the message; a nack or a return raises.
-        await self._exchange.publish(
-            message, routing_key, mandatory=True, timeout=self._publish_timeout
-        )
+        started = time.perf_counter()
+        try:
+            if self._connection is None or not self._connection.connected.is_set():
+                # Reconnecting: fail now rather than wait (the outbox publishes it later).
+                raise ConnectionError("not connected to RabbitMQ")
+            # The whole publish (a channel being restored included) has the deadline.
+            async with asyncio.timeout(self._publish_timeout):
+                await self._exchange.publish(
+                    message, routing_key, mandatory=True, timeout=self._publish_timeout
+                )
+        except BaseException:
+            PUBLISH_FAILURES.labels(routing_key).inc()
+            raise
+        CONFIRM_SECONDS.observe(time.perf_counter() - started)
+        EVENTS_PUBLISHED.labels(routing_key).inc()
+
+    def ready_checks(self) -> dict[str, Callable[[], Awaitable[None]]]:
+        async def rabbitmq() -> None:
+            connection = self._connection
+            if connection is None or connection.is_closed or not connection.connected.is_set():
+                raise ConnectionError("not connected")
+
+        return {"rabbitmq": rabbitmq}
 
     async def subscribe(
         self,
@@ -399,6 +449,7 @@ class LocalBus(Bus):
                 delivered = True
         if not delivered:
             self._unrouted.append(_Delivery(routing_key, body, dict(headers or {})))
+        EVENTS_PUBLISHED.labels(routing_key).inc()
 
     async def subscribe(
         self,

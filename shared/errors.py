@@ -12,6 +12,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from pymongo.errors import ConnectionFailure, ExecutionTimeout, PyMongoError, WaitQueueTimeoutError
 
 from shared.jsonio import json_response
 
@@ -36,6 +37,9 @@ APP_NO_CUSTOMER = "app do not support customer"
 REQUIRE_STORE_ID = "require store_id param"
 STORE_NO_SUPPORTER = "store no supporter"
 INVALID_UID = "invalid uid"
+# Parley's own 503s (not in the reference): a dependency down, or the request deadline hit.
+STORE_UNAVAILABLE = "store unavailable"
+DEADLINE_EXCEEDED = "request deadline exceeded"
 
 
 class ParleyError(Exception):
@@ -87,6 +91,24 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status >= 400:
             return envelope(exc.status, exc.reason)
         raise
+    except ConnectionResetError:
+        # The client went away mid-request: nothing to answer, nothing to debug.
+        log.info("client disconnected", path=request.path)
+        return envelope(499, "client disconnected")  # never delivered: the client is gone
+    except PyMongoError as exc:
+        if not store_unavailable(exc):
+            log.exception("unhandled error")
+            return envelope(500, "internal server error")
+        log.warning("store unavailable", error=type(exc).__name__)
+        return envelope(503, STORE_UNAVAILABLE)
     except Exception:
         log.exception("unhandled error")
         return envelope(500, "internal server error")
+
+
+def store_unavailable(exc: BaseException) -> bool:
+    """True for a store that does not answer (in time): no server, a lost connection, a
+    deadline hit. Those are a 503, not a bug."""
+    return isinstance(exc, (ConnectionFailure, ExecutionTimeout, WaitQueueTimeoutError)) or (
+        isinstance(exc, PyMongoError) and exc.timeout
+    )

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import yaml
 
-from shared.routing import ROUTES, SERVICES, static_prefix
+from shared.routing import ROUTES, SERVICES, openapi_path, static_prefix
 
 NOT_FOUND_BODY = '{"meta":{"code":404}}'
 UNAVAILABLE_BODY = '{"meta":{"code":503,"message":"service unavailable"}}'
@@ -37,7 +37,13 @@ def render_nginx(
         "error_log stderr warn;",
         "events { worker_connections 4096; }",
         "http {",
-        "  access_log off;",
+        # One JSON line per request (never the query string, a header or a body); appid is
+        # the Basic user name of server calls, empty for token calls.
+        '  log_format parley escape=json \'{"time":"$time_iso8601","method":'
+        '"$request_method","route":"$parley_route","status":$status,'
+        '"seconds":$request_time,"request_id":"$parley_request_id",'
+        '"appid":"$remote_user","upstream":"$upstream_addr"}\';',
+        "  access_log /dev/stdout parley;",
         "  client_body_temp_path client_body_temp;",
         "  proxy_temp_path proxy_temp;",
         "  fastcgi_temp_path fastcgi_temp;",
@@ -48,6 +54,13 @@ def render_nginx(
         "  map $http_x_request_id $parley_request_id {",
         "    default $http_x_request_id;",
         '    "" $request_id;',
+        "  }",
+        "  map $uri $parley_route {",
+        '    default "unmatched";',
+        *(
+            f'    "~{route.regex}" "{openapi_path(route.path)}";'
+            for route in dict((r.path, r) for r in ROUTES).values()
+        ),
         "  }",
     ]
     if resolver:
@@ -137,9 +150,9 @@ def render_ingress(host: str | None = None, namespace: str = "parley", port: int
             "annotations": {"parley.io/generated-by": "parley gateway-config --format ingress"},
         },
         "spec": {
+            # No default backend: a path outside the table never reaches a service, so its
+            # /healthz, /readyz, /metrics and /internal/* stay internal.
             "ingressClassName": "nginx",
-            # Paths outside the table reach a service's router, which answers the 404 envelope.
-            "defaultBackend": {"service": {"name": "parley-auth", "port": {"number": port}}},
             "rules": [rule],
         },
     }

@@ -10,11 +10,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import pymongo
 import structlog
 from pymongo import AsyncMongoClient, IndexModel, ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
+
+from shared.metrics import STORE_LISTENER
 
 log = structlog.get_logger("parley.mongo")
 
@@ -23,8 +26,31 @@ Database = AsyncDatabase[Document]
 Collection = AsyncCollection[Document]
 
 
-def make_client(url: str, *, appname: str = "parley") -> AsyncMongoClient[Document]:
-    return AsyncMongoClient(url, w=1, journal=True, tz_aware=True, appname=appname)
+def make_client(
+    url: str, *, appname: str = "parley", timeout: float = 5.0
+) -> AsyncMongoClient[Document]:
+    """A client whose every operation has a deadline: ``timeout`` seconds (PyMongo's
+    ``timeoutMS``, which also bounds server selection and connecting), or the tighter deadline
+    of an enclosing ``pymongo.timeout()`` block (each request sets one). Every command is
+    timed for ``/metrics``."""
+    ms = max(1, int(timeout * 1000))
+    return AsyncMongoClient(
+        url,
+        w=1,
+        journal=True,
+        tz_aware=True,
+        appname=appname,
+        timeoutMS=ms,
+        serverSelectionTimeoutMS=ms,
+        connectTimeoutMS=min(ms, 2000),
+        event_listeners=[STORE_LISTENER],
+    )
+
+
+async def ping(db: Database, seconds: float) -> None:
+    """Raises unless the server answers a ``ping`` within ``seconds``."""
+    with pymongo.timeout(seconds):
+        await db.command("ping")
 
 
 async def ensure_indexes(db: Database, declared: Mapping[str, Sequence[IndexModel]]) -> None:

@@ -22,6 +22,7 @@ from pymongo import IndexModel
 
 from shared.bus import Bus
 from shared.events import Event, utcnow
+from shared.metrics import OUTBOX_BACKLOG, OUTBOX_REPUBLISHED
 from shared.mongo import Collection, Document
 from shared.revlog import RevLog
 
@@ -146,8 +147,15 @@ class OutboxRelay:
                 self._bus, self._grace if grace is None else grace
             )
         if published:
+            OUTBOX_REPUBLISHED.inc(published)
             log.info("outbox relay republished events", count=published)
         return published
+
+    async def measure_backlog(self) -> None:
+        """Sets ``parley_outbox_backlog``: documents of each collection with pending events."""
+        for collection in self._collections:
+            count = await collection.count_documents({"outbox_n": {"$gt": 0}})
+            OUTBOX_BACKLOG.labels(collection.name).set(count)
 
     async def _loop(self) -> None:
         while True:

@@ -40,6 +40,7 @@ ROUTES: tuple[Route, ...] = tuple(
         ("POST", "/auth/grant", "grant"),  # S1
         ("POST", f"/users/{{uid:{ID}}}", "user_settings"),  # S2
         ("PATCH", f"/users/{{uid:{ID}}}", "user_settings"),  # X1
+        ("GET", "/openapi.json", "openapi"),  # this API's OpenAPI 3.1 document
     )
     + _rows(
         "groups",
@@ -101,6 +102,12 @@ def path_regex(path: str) -> str:
         last = match.end()
     out.append(re.escape(path[last:]))
     return "^" + "".join(out) + "$"
+
+
+def openapi_path(path: str) -> str:
+    """The path with bare parameters (``/groups/{gid}``): aiohttp's canonical form, used as
+    the route's name in logs and metrics."""
+    return _PARAM.sub(r"{\1}", path)
 
 
 def routes_for(service: str) -> list[Route]:

@@ -84,6 +84,12 @@ class Settings(BaseSettings):
     log_json: bool = False
     log_level: str = "info"
     request_id_header: str = "X-Request-ID"
+    # Longest a request may take before it is answered 503 (its work is cancelled).
+    request_timeout: float = Field(default=10.0, gt=0)
+    # One structured line per request (method, route, status, duration, request id, appid).
+    access_log: bool = True
+    # Deadline of each MongoDB operation (PyMongo's timeoutMS) and of server selection.
+    mongo_timeout: float = Field(default=5.0, gt=0)
 
     @field_validator("http_addr")
     @classmethod

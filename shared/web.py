@@ -1,5 +1,6 @@
-"""What every service app has in common: middleware, its rows of the routing table, ``/healthz``,
-and its resources as ``cleanup_ctx`` generators reached through typed ``AppKey``s.
+"""What every service app has in common: middleware, its rows of the routing table,
+``/healthz`` (alive), ``/readyz`` (what it needs answers), ``/metrics``, and its resources as
+``cleanup_ctx`` generators reached through typed ``AppKey``s.
 
 A service's ``create_app(settings, deps)`` calls ``service_app`` and appends its own contexts.
 ``Deps`` carries process-wide resources: the all-in-one runner fills one (one Mongo client,
@@ -9,12 +10,16 @@ alone (``parley serve``) gets an empty one and opens its own.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+import pymongo
+import structlog
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 from pymongo import IndexModel
 
 from shared.auth import (
@@ -26,7 +31,7 @@ from shared.auth import (
     Verifier,
 )
 from shared.bus import Bus, RabbitBus
-from shared.errors import ParleyError, error_middleware
+from shared.errors import DEADLINE_EXCEEDED, ParleyError, error_middleware
 from shared.http import MAX_BODY
 from shared.internal import (
     INTERNAL_SECRET_HEADER,
@@ -36,7 +41,8 @@ from shared.internal import (
 )
 from shared.jsonio import json_response
 from shared.logs import request_context_middleware
-from shared.mongo import Collection, Database, ensure_indexes, make_client
+from shared.metrics import backlog_probes, metrics_handler, observe_middleware
+from shared.mongo import Collection, Database, ensure_indexes, make_client, ping
 from shared.outbox import OutboxRelay
 from shared.revlog import RevLog
 from shared.routing import ROUTES, routes_for
@@ -46,6 +52,13 @@ SETTINGS = web.AppKey("settings", Settings)
 DB = web.AppKey("db", Database)
 BUS = web.AppKey("bus", Bus)
 RELAY = web.AppKey("outbox_relay", OutboxRelay)
+
+# A readiness check raises (or times out) when what it checks is down.
+ReadyCheck = Callable[[], Awaitable[None]]
+READY_CHECKS = web.AppKey("ready_checks", dict[str, ReadyCheck])
+READY_TIMEOUT = 1.0
+
+log = structlog.get_logger("parley.web")
 
 
 @dataclass
@@ -118,31 +131,122 @@ async def cors_preflight(request: web.Request) -> web.Response:
     return web.Response(status=200)
 
 
+# Paths every process serves beside its routing-table rows; never routed by the edge.
+OPERATIONS_PATHS = ("/healthz", "/readyz", "/metrics")
+
+
+def deadline_middleware(seconds: float) -> Middleware:
+    """No request waits longer than ``seconds``: its work is cancelled and it is answered 503.
+    MongoDB operations inside it get the remaining time as their deadline (so they give up
+    first, cleanly). What was written stays consistent: a change and its event are one
+    document write, and the outbox relay publishes an event whose publish was cut short."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in OPERATIONS_PATHS:
+            return await handler(request)
+        deadline = asyncio.timeout(seconds)
+        try:
+            async with deadline:
+                with pymongo.timeout(seconds):
+                    return await handler(request)
+        except TimeoutError as exc:
+            if not deadline.expired():
+                raise
+            log.warning("request deadline exceeded", seconds=seconds, path=request.path)
+            raise ParleyError(DEADLINE_EXCEEDED, status=503) from exc
+
+    return middleware
+
+
+def operations_middlewares(
+    service: str, settings: Settings, *extra: Middleware
+) -> list[Middleware]:
+    """Request id and log context, metrics and the access log, ``extra``, the error envelope,
+    and the request deadline: in that order (outermost first)."""
+    return [
+        request_context_middleware(service, settings.request_id_header),
+        observe_middleware(service, settings.access_log),
+        *extra,
+        error_middleware,
+        deadline_middleware(settings.request_timeout),
+    ]
+
+
 def service_app(
     service: str, settings: Settings, handlers: Mapping[str, Handler]
 ) -> web.Application:
-    """A bare service app: middleware, its routing-table rows bound to ``handlers``, /healthz."""
+    """A bare service app: middleware, its routing-table rows bound to ``handlers``,
+    ``/healthz``, ``/readyz`` and ``/metrics``."""
     app = web.Application(
-        middlewares=[
-            request_context_middleware(service, settings.request_id_header),
-            cors_middleware,
-            error_middleware,
-        ],
+        middlewares=operations_middlewares(service, settings, cors_middleware),
         client_max_size=MAX_BODY,
     )
     app[SETTINGS] = settings
     app[CLIENT_IP_HEADER] = settings.client_ip_header
     app[TRUSTED_PROXIES] = settings.trusted_proxies
+    app[READY_CHECKS] = {}
     for route in routes_for(service):
         if route.handler not in handlers:
             raise LookupError(f"service {service!r} has no handler {route.handler!r}")
         app.router.add_route(route.method, route.path, handlers[route.handler])
-    app.router.add_get("/healthz", healthz)
+    add_operations_routes(app, lambda request: [request.app])
     return app
 
 
+def add_operations_routes(
+    app: web.Application, apps: Callable[[web.Request], list[web.Application]]
+) -> None:
+    """``/healthz``, ``/readyz`` (the checks of ``apps(request)``) and ``/metrics``."""
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz_handler(apps))
+    app.router.add_get("/metrics", metrics_handler(apps))
+
+
 async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process answers. It checks nothing else (see ``/readyz``)."""
     return json_response({"status": "ok"})
+
+
+async def run_checks(checks: Mapping[str, ReadyCheck]) -> dict[str, str]:
+    """Runs every check at once, each with a short timeout: name -> "ok" or why not."""
+
+    async def one(check: ReadyCheck) -> str:
+        try:
+            async with asyncio.timeout(READY_TIMEOUT):
+                await check()
+        except TimeoutError:
+            return f"no answer in {READY_TIMEOUT:g}s"
+        except Exception as exc:
+            return type(exc).__name__ + (f": {str(exc)[:120]}" if str(exc) else "")
+        return "ok"
+
+    names = list(checks)
+    results = await asyncio.gather(*(one(checks[n]) for n in names))
+    return dict(zip(names, results, strict=True))
+
+
+def readyz_handler(apps: Callable[[web.Request], list[web.Application]]) -> Handler:
+    async def readyz(request: web.Request) -> web.StreamResponse:
+        """Readiness: 200 when everything this process needs answers; else 503 naming what
+        is down (the envelope, plus each check's result)."""
+        checks: dict[str, ReadyCheck] = {}
+        for app in apps(request):
+            if READY_CHECKS in app:
+                found: dict[str, ReadyCheck] = app[READY_CHECKS]
+                checks.update(found)
+        started = time.perf_counter()
+        results = await run_checks(checks)
+        down = [name for name, result in results.items() if result != "ok"]
+        if not down:
+            return json_response({"status": "ready", "checks": results})
+        log.info("not ready", down=down, ms=round((time.perf_counter() - started) * 1000, 1))
+        return json_response(
+            {"meta": {"code": 503, "message": f"not ready: {', '.join(down)}"}, "checks": results},
+            status=503,
+        )
+
+    return readyz
 
 
 def database_ctx(deps: Deps, indexes: Mapping[str, Sequence[IndexModel]]) -> CleanupCtx:
@@ -154,8 +258,14 @@ def database_ctx(deps: Deps, indexes: Mapping[str, Sequence[IndexModel]]) -> Cle
         if deps.db is not None:
             app[DB] = deps.db
         else:
-            client = make_client(settings.mongo_url)
+            client = make_client(settings.mongo_url, timeout=settings.mongo_timeout)
             app[DB] = client[settings.mongo_db]
+        db = app[DB]
+
+        async def mongodb() -> None:
+            await ping(db, READY_TIMEOUT)
+
+        app[READY_CHECKS]["mongodb"] = mongodb
         try:
             await ensure_indexes(app[DB], indexes)
             yield
@@ -170,6 +280,7 @@ def bus_ctx(deps: Deps, service: str) -> CleanupCtx:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         if deps.bus is not None:
             app[BUS] = deps.bus
+            app[READY_CHECKS].update(deps.bus.ready_checks())
             yield
             return
         settings = app[SETTINGS]
@@ -184,6 +295,7 @@ def bus_ctx(deps: Deps, service: str) -> CleanupCtx:
         )
         await bus.start()
         app[BUS] = bus
+        app[READY_CHECKS].update(bus.ready_checks())
         try:
             yield
         finally:
@@ -228,6 +340,7 @@ def outbox_ctx(
             revlogs=revlogs(app),
         )
         app[RELAY] = relay
+        backlog_probes(app).append(relay.measure_backlog)
         relay.start()
         try:
             yield

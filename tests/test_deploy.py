@@ -58,8 +58,11 @@ def test_every_service_is_deployed_probed_scaled_and_fenced() -> None:
         name = f"parley-{service}"
         container = by_kind["Deployment"][name]["spec"]["template"]["spec"]["containers"][0]
         assert container["args"] == ["serve", service]
-        for probe in ("readinessProbe", "livenessProbe"):
-            assert container[probe]["httpGet"]["path"] == "/healthz"
+        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        annotations = by_kind["Deployment"][name]["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true"
+        assert annotations["prometheus.io/path"] == "/metrics"
         assert container["resources"]["requests"]
         sources = {next(iter(s)) for s in container["envFrom"]}
         assert sources == {"configMapRef", "secretRef"}
@@ -109,7 +112,7 @@ def test_compose_file_passes_the_compose_specification() -> None:
     assert {"mongo", "rabbitmq", "edge", *SERVICES} <= set(services)
     for service in SERVICES:
         assert services[service]["command"] == ["serve", service]
-        assert services[service]["healthcheck"]["test"]
+        assert "/readyz" in " ".join(services[service]["healthcheck"]["test"])
     assert set(resolved["volumes"]) >= {"mongo-data", "rabbitmq-data"}
 
 

@@ -11,9 +11,12 @@ a RabbitMQ node of this module's own (so restarting it disturbs no other test).
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import statistics
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -226,3 +229,44 @@ async def test_a_dead_consumer_does_not_slow_the_api(replicated: Stack) -> None:
     finally:
         await subscription.cancel()
         await bus.close()
+
+
+def readyz(process: Process) -> tuple[int, Any]:
+    argv = [str(a) for a in process.popen.args]  # type: ignore[union-attr]
+    url = f"http://{argv[argv.index('--http-addr') + 1]}/readyz"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+async def test_readyz_follows_the_broker(replicated: Stack, broker: dict[str, Process]) -> None:
+    services = [p for p in replicated.processes if p.name.startswith("parley-")]
+    services = [p for p in services if p.popen.poll() is None]  # SIGKILLed ones stay dead
+    assert len(services) >= 4
+    for process in services:
+        assert (await asyncio.to_thread(readyz, process))[0] == 200
+
+    await asyncio.to_thread(broker["process"].stop)
+    stopped = time.monotonic()
+    for process in services:
+        while True:
+            status, body = await asyncio.to_thread(readyz, process)
+            if status == 503:
+                break
+            assert time.monotonic() - stopped < 10, (process.name, body)
+            await asyncio.sleep(0.1)
+        assert body["meta"] == {"code": 503, "message": "not ready: rabbitmq"}, body
+        assert body["checks"]["mongodb"] == "ok"
+    print(f"all not ready {time.monotonic() - stopped:.2f}s after the broker stopped")
+
+    base = Path(broker["process"].extra["base_dir"])
+    port = int(broker["process"].extra["port"])
+    broker["process"] = await asyncio.to_thread(start_rabbitmq, base, port)
+    returned = time.monotonic()
+    for process in services:
+        while (await asyncio.to_thread(readyz, process))[0] != 200:
+            assert time.monotonic() - returned < 30, process.name
+            await asyncio.sleep(0.2)
+    print(f"all ready {time.monotonic() - returned:.2f}s after the broker returned")

@@ -27,7 +27,7 @@ from shared.gateway import ingress_prefixes, render_ingress, render_nginx
 from shared.logs import configure_logging
 from shared.routing import ROUTES, SERVICES, routes_for, service_for_path
 from shared.settings import Settings
-from shared.web import Deps, service_app
+from shared.web import OPERATIONS_PATHS, Deps, service_app
 
 from .conftest import Stack, md5_hex
 
@@ -68,7 +68,7 @@ def test_built_services_register_exactly_their_rows() -> None:
         }
         assert expected <= registered, name
         extra = {path for _, path in registered - expected}
-        assert all(p == "/healthz" or p.startswith("/internal/") for p in extra), extra
+        assert all(p in OPERATIONS_PATHS or p.startswith("/internal/") for p in extra), extra
 
 
 async def test_every_row_of_a_built_service_is_reachable_through_the_edge(stack: Stack) -> None:

@@ -17,6 +17,7 @@ from shared.ids import Flag, Id, Text
 from shared.internal import UidTaken
 from shared.jsonio import json_response
 from shared.logs import request_id_of
+from shared.openapi import Operation
 from shared.ratelimit import TokenBuckets
 from shared.settings import Settings
 from shared.web import (
@@ -72,6 +73,10 @@ class VerifyRequest(BaseModel):
     secret: str | None = None
     ip: str | None = None
     token: str | None = None
+
+
+class TokenData(BaseModel):
+    token: str
 
 
 def domain(request: web.Request) -> AuthDomain:
@@ -152,9 +157,36 @@ async def internal_customer_token(request: web.Request) -> web.Response:
     return json_response({"token": token})
 
 
+async def openapi(request: web.Request) -> web.Response:
+    """``GET /openapi.json``: the public API, from the routing table and every service's
+    ``API`` (the auth service serves it for the edge)."""
+    from services.openapi import document  # every service's models: imported on first use
+
+    return json_response(document())
+
+
+API: dict[str, Operation] = {
+    "grant": Operation(
+        "Grant a user's permanent token (S1); the same token on every later grant.",
+        "server",
+        request=GrantRequest,
+        data=TokenData,
+    ),
+    "user_settings": Operation(
+        "Change a user's settings (S2, X1); 200 with an empty body.",
+        "server",
+        request=SettingsRequest,
+        answer="empty",
+    ),
+    "openapi": Operation("This document (OpenAPI 3.1).", "none", answer="document"),
+}
+
+
 def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
     deps = deps or Deps()
-    app = service_app(SERVICE, settings, {"grant": grant, "user_settings": user_settings})
+    app = service_app(
+        SERVICE, settings, {"grant": grant, "user_settings": user_settings, "openapi": openapi}
+    )
     app.router.add_post("/internal/verify", internal_verify)
     app.router.add_post("/internal/customer-token", internal_customer_token)
     app[VERIFY_REFUSALS] = TokenBuckets(settings.verify_refusal_burst, settings.verify_refusal_rate)

@@ -17,6 +17,7 @@ from shared.ids import Id, Text, parse_id
 from shared.internal import HttpTokenIssuer, TokenIssuer
 from shared.jsonio import json_response
 from shared.logs import request_id_of
+from shared.openapi import Operation, Query
 from shared.settings import Settings
 from shared.web import (
     BUS,
@@ -155,6 +156,43 @@ async def internal_presence(request: web.Request) -> web.Response:
     if not await domain(request).set_presence(seller_id, body.status):
         raise web.HTTPNotFound()
     return json_response({"seller_id": seller_id, "status": body.status})
+
+
+# ---- the API description (for /openapi.json) ------------------------------------------------
+
+
+class CustomerToken(BaseModel):
+    token: str
+    store_id: int
+    client_id: int
+
+
+class Supporter(BaseModel):
+    seller_id: int
+    name: str
+    status: str
+    avatar: str
+
+
+STORE_ID = Query("store_id", int, "the store (also accepted as `store`)", required=True)
+
+API: dict[str, Operation] = {
+    "customer_token": Operation(
+        "A visitor's token (S17); app-key credentials when sent or required.",
+        "optional_appkey",
+        RegisterRequest,
+        CustomerToken,
+    ),
+    "customer_register": Operation(
+        "Register a visitor (X2).", "appkey", RegisterRequest, CustomerToken
+    ),
+    "supporters": Operation(
+        "The agent serving the caller in a store (S18).",
+        "bearer",
+        data=Supporter,
+        query=(STORE_ID,),
+    ),
+}
 
 
 HANDLERS = {

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 from aiohttp import web
@@ -39,6 +39,7 @@ from shared.http import (
 from shared.ids import Flag, Id, IdOrZero, Text, parse_positive_id
 from shared.jsonio import json_response
 from shared.logs import request_id_of
+from shared.openapi import Operation, Query
 from shared.settings import Settings
 from shared.web import (
     BUS,
@@ -531,6 +532,97 @@ async def internal_get_group(request: web.Request) -> web.Response:
     if group is None:
         raise web.HTTPNotFound()
     return json_response(snapshot(group).model_dump())
+
+
+# ---- the API description (for /openapi.json) ------------------------------------------------
+
+
+class MemberObject(BaseModel):
+    uid: Id
+    name: str | None = None
+    avatar: str | None = None
+
+
+class AddMembersObject(BaseModel):
+    members: list[Id | MemberObject]
+    inviter: dict[str, Any] | None = None
+
+
+# S6/S25: an array of members, ``{"members": [...], "inviter": {...}}``, or one member object.
+AddMembersBody = list[Id | MemberObject] | AddMembersObject | MemberObject
+RemoveMembersBody = list[Id | MemberObject]
+
+
+class GroupId(BaseModel):
+    group_id: int
+
+
+class MemberView(BaseModel):
+    uid: int
+    name: str
+    nickname: str
+    avatar: str
+    nickname_in_group: str | None = None
+
+
+class GroupView(BaseModel):
+    id: int
+    appid: int
+    master: int
+    super: Literal[0, 1]
+    name: str
+    notice: str
+    members: list[MemberView] | None = None
+    do_not_disturb: bool | None = None
+
+
+FIELDS = Query("fields", str, "comma-separated extras: members, quiet")
+
+API: dict[str, Operation] = {
+    "create_group": Operation("Create a group (S3).", "server", CreateGroupRequest, GroupId),
+    "rename_group": Operation(
+        "Rename a group (S4); 200 with an empty body.", "server", RenameRequest, answer="empty"
+    ),
+    "disband_group": Operation("Disband a group (S5).", "server", answer="success"),
+    "add_members": Operation("Add members (S6).", "server", AddMembersBody, answer="success"),
+    "remove_member": Operation("Remove one member (S7).", "server", answer="success"),
+    "remove_members": Operation(
+        "Remove members (S8).", "server", RemoveMembersBody, answer="success"
+    ),
+    "upgrade_group": Operation("Make a group a super group (S9).", "server", answer="success"),
+    "member_settings": Operation(
+        "A member's settings in a group (S10).",
+        "server",
+        ServerMemberSettingsRequest,
+        answer="success",
+    ),
+    "client_create_group": Operation(
+        "Create a group as its master (S21).", "bearer", CreateGroupRequest, GroupId
+    ),
+    "client_list_groups": Operation(
+        "The caller's groups (S22).", "bearer", data=list[GroupView], query=(FIELDS,)
+    ),
+    "client_get_group": Operation("One group of the caller's (X3).", "bearer", data=GroupView),
+    "client_patch_group": Operation(
+        "Rename a group or set its notice (S23).", "bearer", RenameRequest, answer="success"
+    ),
+    "client_disband_group": Operation("Disband a group (S24).", "bearer", answer="success"),
+    "client_add_members": Operation(
+        "Add members (S25).", "bearer", AddMembersBody, answer="success"
+    ),
+    "client_remove_member": Operation(
+        "Remove a member, or leave (S26).", "bearer", answer="success"
+    ),
+    "client_remove_members": Operation(
+        "Remove members (S27).", "bearer", RemoveMembersBody, answer="success"
+    ),
+    "client_member_settings": Operation(
+        "The caller's settings in a group (S28).",
+        "bearer",
+        ClientMemberSettingsRequest,
+        answer="success",
+    ),
+}
 
 
 HANDLERS = {

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import structlog
 from aiohttp import web
@@ -33,7 +33,9 @@ from shared.internal import (
 )
 from shared.jsonio import json_response
 from shared.logs import request_id_of
+from shared.metrics import PENDING_MESSAGES, backlog_probes
 from shared.mongo import Document
+from shared.openapi import Operation, Query
 from shared.settings import Settings
 from shared.web import (
     BUS,
@@ -301,6 +303,63 @@ async def internal_customer_message(request: web.Request) -> web.Response:
     return json_response({"msg_id": post["_id"]})
 
 
+# ---- the API description (for /openapi.json) ------------------------------------------------
+
+
+class OfflineCount(BaseModel):
+    count: int
+    new: Literal[0, 1]
+
+
+class HistoryEntry(BaseModel):
+    id: int
+    command: int
+    sender: int
+    receiver: int
+    timestamp: int
+    content: str
+    sender_appid: int | None = None
+    receiver_appid: int | None = None
+
+
+class Dequeued(BaseModel):
+    success: Literal[True]
+
+
+API: dict[str, Operation] = {
+    "post_peer": Operation("Send a peer message (S11).", "server", PeerRequest, answer="empty"),
+    "post_group": Operation("Send a group message (S12).", "server", PeerRequest, answer="empty"),
+    "post_system": Operation(
+        "Send a system message (S13).", "server", SystemRequest, answer="empty"
+    ),
+    "post_notification": Operation(
+        "Send a notification, not stored (S14).", "server", NotificationRequest, answer="empty"
+    ),
+    "post_group_notification": Operation(
+        "Send a group notification (S15).", "server", GroupNotificationRequest, answer="empty"
+    ),
+    "post_room": Operation(
+        "Send a room message, not stored (S16).", "server", PeerRequest, answer="empty"
+    ),
+    "offline_count": Operation(
+        "How many messages a user has not synced (S19).",
+        "server_or_bearer",
+        data=OfflineCount,
+        query=(
+            Query("uid", int, "the user (server calls)"),
+            Query("customer_id", str, "a visitor's customer id (server calls)"),
+        ),
+    ),
+    "history": Operation(
+        "The caller's recent messages (S20).",
+        "bearer",
+        data=list[HistoryEntry],
+        query=(Query("store", int, "only customer-service messages with this store's agents"),),
+    ),
+    "dequeue": Operation("Kept for old web clients; does nothing (X4).", "bearer", data=Dequeued),
+}
+
+
 HANDLERS = {
     "post_peer": post_peer,
     "post_group": post_group,
@@ -337,6 +396,12 @@ def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
             ["group.#"],
             messages.on_group_event,
         )
+        posts = app[DB]["messages_posts"]
+
+        async def pending_messages() -> None:
+            PENDING_MESSAGES.set(await posts.count_documents({"state": "pending"}))
+
+        backlog_probes(app).append(pending_messages)
         recovery = asyncio.create_task(
             messages.run_recovery(settings.outbox_relay_interval, settings.outbox_grace),
             name="messages-recovery",
