@@ -16,6 +16,8 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
+from shared.storecount import STORE_COMMANDS
+
 log = structlog.get_logger("parley.mongo")
 
 Document = dict[str, Any]
@@ -24,7 +26,14 @@ Collection = AsyncCollection[Document]
 
 
 def make_client(url: str, *, appname: str = "parley") -> AsyncMongoClient[Document]:
-    return AsyncMongoClient(url, w=1, journal=True, tz_aware=True, appname=appname)
+    return AsyncMongoClient(
+        url,
+        w=1,
+        journal=True,
+        tz_aware=True,
+        appname=appname,
+        event_listeners=[STORE_COMMANDS],
+    )
 
 
 async def ensure_indexes(db: Database, declared: Mapping[str, Sequence[IndexModel]]) -> None:
