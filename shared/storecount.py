@@ -25,6 +25,7 @@ import structlog
 from pymongo import monitoring
 
 KEEP = 10_000
+BACKGROUND = "-"  # what ``commands`` files the commands of no request under
 
 # The commands whose documents carry the statements worth examining, and where.
 STATEMENTS = {"find": "filter", "update": "updates", "delete": "deletes", "count": "query"}
@@ -53,6 +54,8 @@ class StoreCommandCounter(monitoring.CommandListener):
         request_id = structlog.contextvars.get_contextvars().get("request_id")
         if not request_id:
             self.background += 1
+            if self.record:
+                self._commands.setdefault(BACKGROUND, []).append(describe(event))
             return
         self._counts[request_id] = self._counts.get(request_id, 0) + 1
         self._counts.move_to_end(request_id)
@@ -75,7 +78,8 @@ class StoreCommandCounter(monitoring.CommandListener):
         return self._counts.get(request_id, 0)
 
     def commands(self, request_id: str) -> list[StoreCommand]:
-        """The commands of ``request_id`` (only those issued while ``record`` was on)."""
+        """The commands of ``request_id`` (``BACKGROUND``: of no request), only those issued
+        while ``record`` was on."""
         return list(self._commands.get(request_id, []))
 
 
