@@ -1,11 +1,12 @@
 """The messages domain: storing accepted messages in inboxes and group queues, turning group
 changes into group notifications, offline counts and history. No HTTP here.
 
-Every message goes through ``post``: the accepted message is recorded (``pending``, with its
-recipients), stored in each inbox idempotently, its ``message.*`` event is published (its
-event id is the message id) and the post is marked ``done``. If anything stops in between, or
-the broker is away, ``recover`` finishes it: nothing is stored twice, and every stored message
-gets its event (possibly twice, under the same event id).
+Every message goes through ``post``: the accepted message is recorded as pending (with its
+recipients and where each inbox's append starts), stored in each inbox idempotently, its
+``message.*`` event is published (its event id is the message id), and it is logged done and
+taken off the pending list (in the background, batched with other requests'). If anything
+stops in between, or the broker is away, ``recover`` finishes it: nothing is stored twice, and
+every stored message gets its event (possibly twice, under the same event id).
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ class MessagesDomain:
         self.bus = bus
         self.settings = settings
         self.groups = groups
+        self._in_flight: dict[str, int] = {}  # posts being stored and announced here
 
     # ---- the message lifecycle ----
 
@@ -96,6 +98,15 @@ class MessagesDomain:
         return post
 
     async def _complete(self, post: Post, rid: str, *, now: bool = False) -> None:
+        self._in_flight[post.id] = self._in_flight.get(post.id, 0) + 1
+        try:
+            await self._store_and_announce(post, rid, now=now)
+        finally:
+            self._in_flight[post.id] -= 1
+            if not self._in_flight[post.id]:
+                del self._in_flight[post.id]
+
+    async def _store_and_announce(self, post: Post, rid: str, *, now: bool) -> None:
         owners, fields = self._placement(post)
         post.keys = await self.repo.append(post.appid, owners, post.id, fields, post.plan)
         if self.bus is None:
@@ -114,8 +125,8 @@ class MessagesDomain:
         """Finish posts left pending (a crash between accepting and announcing)."""
         done = 0
         for post in await self.repo.pending_posts(utcnow() - timedelta(seconds=grace)):
-            if self.repo.finishing(post.id):
-                continue  # announced; its log entry is in the next background batch
+            if post.id in self._in_flight or self.repo.finishing(post.id):
+                continue  # still being handled here, or announced and about to be logged
             try:
                 await self._complete(post, "", now=True)
                 done += 1

@@ -20,8 +20,9 @@ reading the collection. So a request costs the same however many messages are st
   one inbox, whichever attempt (first, retried, recovered) stores it.
 * ``messages_chunks``: ``{_id: "<appid>:<owner>:<n>", entries: [...]}``, a copy of the 32
   entries of keys ``32n+1 .. 32n+32`` of an inbox, written once (by insert) when all of them
-  are committed, by the first reader that needs them. Entries never change, so a chunk never
-  does: history and inbox paging read 32 entries with one ``_id`` lookup.
+  are committed: in the background by the process that stored all 32, else by the first
+  reader that needs them. Entries never change, so a chunk never does: history and inbox
+  paging read 32 entries with one ``_id`` lookup.
 * ``messages_counters``: ``{_id: "<appid>:<owner>", seq}``, a hint: a key known committed
   (never above the last one), raised in the background in batches. A process that has not
   seen an inbox starts from it and probes forward by ``_id`` to the first free key.
@@ -85,6 +86,9 @@ CHUNK = 32
 # more updates of existing documents: every batched update or delete stays below that.
 WRITE_BATCH = 50
 KEY_CACHE_SIZE = 100_000
+OPEN_CHUNKS = 10_000
+APPENDED_SIZE = 2_000
+RECENT_CHUNKS = 2_000
 FLUSH_INTERVAL = 0.05
 PENDING_BATCH = 1000
 SCHEMA_ID = "~schema"
@@ -254,10 +258,15 @@ class MessagesRepository:
         self.posts: Collection = db[POSTS]
         # inbox ("<appid>:<owner>") -> a key such that every key below it is committed
         self._next: OrderedDict[str, int] = OrderedDict()
+        self._appended: OrderedDict[str, dict[str, int]] = OrderedDict()  # appid:msg -> keys
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         # Background work, written in batches by ``flush``.
         self._hints: dict[str, int] = {}
         self._finished: dict[str, Document] = {}
+        self._sealed: dict[str, Document] = {}
+        # inbox -> the entries of its open chunk that this process stored one after another
+        self._open: OrderedDict[str, list[Document]] = OrderedDict()
+        self._recent: OrderedDict[str, list[Document]] = OrderedDict()  # chunk id -> entries
         self._flusher: asyncio.Task[None] | None = None
 
     # ---- appending ----
@@ -309,8 +318,12 @@ class MessagesRepository:
         async with contextlib.AsyncExitStack() as held:
             for owner in owners:  # sorted: no two appends wait for each other in a cycle
                 await held.enter_async_context(self._lock(f"{appid}:{owner}"))
-            todo = {o: max(start[o], self._next.get(f"{appid}:{o}", 0)) for o in owners}
-            keys: dict[str, int] = {}
+            # Stored by this process already (e.g. an event delivered twice, both at once).
+            done = self._appended.get(f"{appid}:{msg_id}", {})
+            keys = {o: k for o, k in done.items() if o in start}
+            todo = {
+                o: max(start[o], self._next.get(f"{appid}:{o}", 0)) for o in owners if o not in keys
+            }
             rounds = 0
             while todo:
                 failed = await self._insert(appid, todo, msg_id, fields)
@@ -331,12 +344,41 @@ class MessagesRepository:
                     else:
                         todo[owner] = key
                         start[owner] = key  # everything below was read: not this message
+            self._appended[f"{appid}:{msg_id}"] = keys
+            self._appended.move_to_end(f"{appid}:{msg_id}")
+            while len(self._appended) > APPENDED_SIZE:
+                self._appended.popitem(last=False)
             for owner, key in keys.items():
                 inbox = f"{appid}:{owner}"
                 self._remember(inbox, key + 1)
                 self._hints[inbox] = max(key, self._hints.get(inbox, 0))
+                self._gather(inbox, {"key": key, "msg": msg_id, **fields})
         self._schedule()
         return keys
+
+    def _gather(self, inbox: str, entry: Document) -> None:
+        """Keep the entries this process stores one after another in an inbox's open chunk;
+        once it holds the whole chunk, its copy is written in the background (so readers
+        seldom have to make it)."""
+        key = entry["key"]
+        if key % CHUNK == 1:
+            run = [entry]
+        else:
+            run = self._open.pop(inbox, [])
+            if run and key <= run[-1]["key"]:  # found stored again (a retry): held already
+                self._open[inbox] = run
+                return
+            if not run or run[-1]["key"] != key - 1:
+                return  # another replica stored some: the first reader makes the copy
+            run.append(entry)
+        if len(run) == CHUNK:
+            chunk_id = f"{inbox}:{key // CHUNK - 1}"
+            self._sealed[chunk_id] = {"_id": chunk_id, "entries": run}
+            self._keep_chunk(chunk_id, run)
+            return
+        self._open[inbox] = run
+        while len(self._open) > OPEN_CHUNKS:
+            self._open.popitem(last=False)
 
     async def _insert(
         self, appid: int, keys: dict[str, int], msg_id: str, fields: Document
@@ -443,14 +485,21 @@ class MessagesRepository:
 
     async def _range(self, appid: int, owner: str, lo: int, hi: int, last: int) -> list[Entry]:
         """Entries ``lo`` .. ``hi`` (all committed: ``hi <= last``), stopping at a missing
-        one: whole chunks where the chunk is complete, single entries in the last one."""
+        one: whole chunks where the chunk is complete, else the open chunk's entries this
+        process stored (entries never change, so what it holds is what is stored), else
+        single entries."""
+        inbox = f"{appid}:{owner}"
         reads: list[Any] = []
         for n in range((lo - 1) // CHUNK, (hi - 1) // CHUNK + 1):
             first, end = n * CHUNK + 1, (n + 1) * CHUNK
             if end <= last:
                 reads.append(self._chunk(appid, owner, n))
-            else:
-                reads.extend(self._entry(appid, owner, k) for k in range(max(first, lo), hi + 1))
+                continue
+            run = self._open.get(inbox, [])
+            held = [Entry.from_doc(appid, owner, d) for d in run if run[0]["key"] == first]
+            reads.append(_ready(held))
+            after = held[-1].key if held else first - 1
+            reads.extend(self._entry(appid, owner, k) for k in range(max(after + 1, lo), hi + 1))
         parts = await asyncio.gather(*reads)
         out: list[Entry] = []
         expected = lo
@@ -471,23 +520,36 @@ class MessagesRepository:
         return Entry.from_doc(appid, owner, doc) if doc else None
 
     async def _chunk(self, appid: int, owner: str, n: int) -> list[Entry | None]:
-        """The 32 entries of chunk ``n`` (all committed): its copy, made now if missing."""
+        """The 32 entries of chunk ``n`` (all committed): from this process's recent chunks,
+        else its copy, made now if missing."""
         chunk_id = f"{appid}:{owner}:{n}"
-        doc = await self.chunks.find_one({"_id": chunk_id})
-        if doc is not None:
-            return [Entry.from_doc(appid, owner, e) for e in doc["entries"]]
-        keys = range(n * CHUNK + 1, (n + 1) * CHUNK + 1)
-        docs = await asyncio.gather(
-            *(self.entries.find_one({"_id": entry_id(appid, owner, k)}) for k in keys)
-        )
-        if any(d is None for d in docs):
-            return [Entry.from_doc(appid, owner, d) if d else None for d in docs]
-        kept = [
-            {k: v for k, v in d.items() if k not in ("_id", "appid", "owner")} for d in docs if d
-        ]
-        with contextlib.suppress(DuplicateKeyError):  # another reader made it: the same copy
-            await self.chunks.insert_one({"_id": chunk_id, "entries": kept})
-        return [Entry.from_doc(appid, owner, d) for d in kept]
+        kept = self._recent.get(chunk_id)
+        if kept is None:
+            doc = await self.chunks.find_one({"_id": chunk_id})
+            if doc is not None:
+                kept = doc["entries"]
+        if kept is None:
+            keys = range(n * CHUNK + 1, (n + 1) * CHUNK + 1)
+            docs = await asyncio.gather(
+                *(self.entries.find_one({"_id": entry_id(appid, owner, k)}) for k in keys)
+            )
+            if any(d is None for d in docs):
+                return [Entry.from_doc(appid, owner, d) if d else None for d in docs]
+            kept = [
+                {k: v for k, v in d.items() if k not in ("_id", "appid", "owner")}
+                for d in docs
+                if d
+            ]
+            with contextlib.suppress(DuplicateKeyError):  # another reader made it: the same
+                await self.chunks.insert_one({"_id": chunk_id, "entries": kept})
+        self._keep_chunk(chunk_id, kept)
+        return [Entry.from_doc(appid, owner, e) for e in kept]
+
+    def _keep_chunk(self, chunk_id: str, entries: list[Document]) -> None:
+        self._recent[chunk_id] = entries
+        self._recent.move_to_end(chunk_id)
+        while len(self._recent) > RECENT_CHUNKS:
+            self._recent.popitem(last=False)
 
     async def sync_key(self, appid: int, owner: str) -> int:
         doc = await self.sync_keys.find_one({"_id": f"{appid}:{owner}"}, {"key": 1})
@@ -567,7 +629,7 @@ class MessagesRepository:
             )
 
     async def _flush_soon(self) -> None:
-        while self._hints or self._finished:
+        while self._hints or self._finished or self._sealed:
             await asyncio.sleep(FLUSH_INTERVAL)
             try:
                 await self.flush()
@@ -577,11 +639,15 @@ class MessagesRepository:
                 log.warning("messages background write failed", error=repr(exc))
 
     async def flush(self) -> None:
-        """Write what the background owes now: finished posts, then the hints."""
+        """Write what the background owes now: finished posts, chunk copies, hints."""
         finished, self._finished = self._finished, {}
         hints, self._hints = self._hints, {}
+        sealed, self._sealed = self._sealed, {}
         if finished:
             await self._write_finished(finished)
+        if sealed:
+            with contextlib.suppress(BulkWriteError):  # a reader made some copies first
+                await self.chunks.insert_many(list(sealed.values()), ordered=False)
         items = list(hints.items())
         for start in range(0, len(items), WRITE_BATCH):
             await self._raise_hints(items[start : start + WRITE_BATCH])
@@ -655,6 +721,10 @@ class MessagesRepository:
                 {"_id": SCHEMA_ID}, {"$set": {"version": SCHEMA_VERSION}}, upsert=True
             )
         log.info("messages storage migrated", pending_posts=moved, sync_keys=synced)
+
+
+async def _ready(entries: list[Entry]) -> list[Entry]:
+    return entries
 
 
 def keys_of(keys: dict[str, int], prefix: str = "u:") -> list[dict[str, Any]]:
