@@ -56,7 +56,7 @@ from typing import Any
 
 import structlog
 from pymongo import DeleteOne, IndexModel, UpdateOne
-from pymongo.errors import BulkWriteError, DuplicateKeyError
+from pymongo.errors import BulkWriteError, CollectionInvalid, DuplicateKeyError
 
 from shared.mongo import Collection, Database, Document
 
@@ -88,6 +88,8 @@ WRITE_BATCH = 50
 KEY_CACHE_SIZE = 100_000
 OPEN_CHUNKS = 10_000
 APPENDED_SIZE = 2_000
+MAX_ROUNDS = 1_000
+READS_AT_ONCE = 4
 RECENT_CHUNKS = 2_000
 FLUSH_INTERVAL = 0.05
 PENDING_BATCH = 1000
@@ -268,6 +270,7 @@ class MessagesRepository:
         self._open: OrderedDict[str, list[Document]] = OrderedDict()
         self._recent: OrderedDict[str, list[Document]] = OrderedDict()  # chunk id -> entries
         self._flusher: asyncio.Task[None] | None = None
+        self._reads = asyncio.Semaphore(READS_AT_ONCE)
 
     # ---- appending ----
 
@@ -287,8 +290,17 @@ class MessagesRepository:
             plan |= {owner: hint + 1 for owner, hint in zip(cold, hints, strict=True)}
         return plan
 
+    async def _by_id(
+        self, collection: Collection, doc_id: str, fields: dict[str, int] | None = None
+    ) -> Document | None:
+        """One document by ``_id``. Many at once (a cold fan-out, a chunk to copy) take turns
+        a few at a time: thousands of concurrent commands cost the local store far more than
+        the same commands a few at a time."""
+        async with self._reads:
+            return await collection.find_one({"_id": doc_id}, fields)
+
     async def _hint(self, inbox: str) -> int:
-        doc = await self.counters.find_one({"_id": inbox}, {"seq": 1})
+        doc = await self._by_id(self.counters, inbox, {"seq": 1})
         return int(doc.get("seq", 0)) if doc else 0
 
     async def append(
@@ -331,6 +343,8 @@ class MessagesRepository:
                 if not failed:
                     break
                 rounds += 1
+                if rounds > MAX_ROUNDS:
+                    raise RuntimeError(f"no free key found for message {msg_id!r}")
                 if rounds == 1:  # usually another replica's entry: the next key is free
                     todo = {o: todo[o] + 1 for o in failed}
                     continue
@@ -417,7 +431,7 @@ class MessagesRepository:
         a post written by an older version, which recorded no plan): found by its ``msg``."""
         key = start
         while True:
-            doc = await self.entries.find_one({"_id": entry_id(appid, owner, key)}, {"msg": 1})
+            doc = await self._by_id(self.entries, entry_id(appid, owner, key), {"msg": 1})
             if doc is None:
                 break
             if doc.get("msg") == msg_id:
@@ -516,7 +530,7 @@ class MessagesRepository:
         return out
 
     async def _entry(self, appid: int, owner: str, key: int) -> Entry | None:
-        doc = await self.entries.find_one({"_id": entry_id(appid, owner, key)})
+        doc = await self._by_id(self.entries, entry_id(appid, owner, key))
         return Entry.from_doc(appid, owner, doc) if doc else None
 
     async def _chunk(self, appid: int, owner: str, n: int) -> list[Entry | None]:
@@ -525,13 +539,13 @@ class MessagesRepository:
         chunk_id = f"{appid}:{owner}:{n}"
         kept = self._recent.get(chunk_id)
         if kept is None:
-            doc = await self.chunks.find_one({"_id": chunk_id})
+            doc = await self._by_id(self.chunks, chunk_id)
             if doc is not None:
                 kept = doc["entries"]
         if kept is None:
             keys = range(n * CHUNK + 1, (n + 1) * CHUNK + 1)
             docs = await asyncio.gather(
-                *(self.entries.find_one({"_id": entry_id(appid, owner, k)}) for k in keys)
+                *(self._by_id(self.entries, entry_id(appid, owner, k)) for k in keys)
             )
             if any(d is None for d in docs):
                 return [Entry.from_doc(appid, owner, d) if d else None for d in docs]
@@ -704,6 +718,13 @@ class MessagesRepository:
         ``messages_posts`` with ``state: pending``) join the pending list, and its
         acknowledged sync keys (kept in the counters) move to ``messages_sync_keys``. These
         two reads scan their collections: they run once per database, at startup."""
+        # Each collection exists before traffic: FerretDB creates one on its first write, and
+        # many first writes at once (e.g. the chunks of a first history read) stall it.
+        existing = set(await self.counters.database.list_collection_names())
+        for name in INDEXES:
+            if name not in existing:
+                with contextlib.suppress(CollectionInvalid):
+                    await self.counters.database.create_collection(name)
         marker = await self.counters.find_one({"_id": SCHEMA_ID})
         if marker is not None and int(marker.get("version", 0)) >= SCHEMA_VERSION:
             return
