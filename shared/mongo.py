@@ -18,6 +18,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from shared.metrics import STORE_LISTENER
+from shared.storecount import STORE_COMMANDS
 
 log = structlog.get_logger("parley.mongo")
 
@@ -43,7 +44,7 @@ def make_client(
         timeoutMS=ms,
         serverSelectionTimeoutMS=ms,
         connectTimeoutMS=min(ms, 2000),
-        event_listeners=[STORE_LISTENER],
+        event_listeners=[STORE_LISTENER, STORE_COMMANDS],
     )
 
 

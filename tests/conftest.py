@@ -208,13 +208,11 @@ class Stack:
     ) -> list[dict[str, Any]]:
         """The inbox once it holds at least ``count`` entries (stored by consumers) and every
         message of the app has been announced (so later recorders see none of them)."""
-        posts = self.db["messages_posts"]
+        pending = self.db["messages_pending"]
         async with asyncio.timeout(timeout):
             while len(entries := await self.inbox(appid, owner)) < count:
                 await asyncio.sleep(0.05)
-            while await posts.count_documents(
-                {"appid": appid, "$or": [{"state": "pending"}, {"outbox_n": {"$gt": 0}}]}
-            ):
+            while await pending.count_documents({"appid": appid}):
                 await asyncio.sleep(0.05)
         return entries
 

@@ -7,11 +7,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from services.messages.repository import MessagesRepository
+from services.messages.repository import Entry, MessagesRepository
 
 from .conftest import Stack, distributed_stack, stack_settings
 
@@ -52,7 +51,7 @@ async def run_sync_check(stack: Stack) -> None:
             accepted.append(content)
 
     repo = MessagesRepository(stack.db)
-    seen: list[dict[str, Any]] = []
+    seen: list[Entry] = []
 
     async def reader() -> None:
         after = 0
@@ -60,8 +59,8 @@ async def run_sync_check(stack: Stack) -> None:
             finished = done.is_set()
             page = await repo.page(app.appid, "u:1", after, 7)
             for entry in page:
-                assert entry["key"] == after + 1, "keys are dense and strictly increasing"
-                after = entry["key"]
+                assert entry.key == after + 1, "keys are dense and strictly increasing"
+                after = entry.key
                 seen.append(entry)
             if finished and not page:
                 return
@@ -73,12 +72,12 @@ async def run_sync_check(stack: Stack) -> None:
     done.set()
     await reading
 
-    contents = [e["content"] for e in seen if e["cmd"] in (4, 8, 21)]
+    contents = [e.content for e in seen if e.cmd in (4, 8, 21)]
     assert sorted(contents) == sorted(accepted)  # every accepted message, exactly once
     assert len(contents) == WRITERS * PER_WRITER
     # Nothing committed later at or below a key the reader had passed.
     final = await stack.inbox(app.appid, "u:1")
-    assert [e["_id"] for e in final] == [e["_id"] for e in seen]
+    assert [e["_id"] for e in final] == [e.id for e in seen]
 
 
 async def test_sync_never_skips(stack: Stack) -> None:

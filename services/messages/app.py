@@ -34,7 +34,6 @@ from shared.internal import (
 from shared.jsonio import json_response
 from shared.logs import request_id_of
 from shared.metrics import PENDING_MESSAGES, backlog_probes
-from shared.mongo import Document
 from shared.openapi import Operation, Query
 from shared.settings import Settings
 from shared.web import (
@@ -51,7 +50,7 @@ from shared.web import (
 )
 
 from .domain import CMD_CUSTOMER, MessagesDomain
-from .repository import INDEXES, MessagesRepository, user_inbox
+from .repository import INDEXES, Entry, MessagesRepository, user_inbox
 
 log = structlog.get_logger("parley.messages")
 
@@ -206,18 +205,18 @@ async def offline_count(request: web.Request) -> web.Response:
     return data({"count": count, "new": 1 if count > 0 else 0})
 
 
-def render_entry(doc: Document) -> dict[str, Any]:
+def render_entry(entry: Entry) -> dict[str, Any]:
     item = {
-        "id": doc["key"],
-        "command": doc["cmd"],
-        "sender": doc["sender"],
-        "receiver": doc["receiver"],
-        "timestamp": doc["timestamp"],
-        "content": doc["content"],
+        "id": entry.key,
+        "command": entry.cmd,
+        "sender": entry.sender,
+        "receiver": entry.receiver,
+        "timestamp": entry.timestamp,
+        "content": entry.content,
     }
-    if doc["cmd"] == CMD_CUSTOMER:
-        item["sender_appid"] = doc["sender_appid"]
-        item["receiver_appid"] = doc["receiver_appid"]
+    if entry.cmd == CMD_CUSTOMER:
+        item["sender_appid"] = entry.sender_appid
+        item["receiver_appid"] = entry.receiver_appid
     return item
 
 
@@ -232,10 +231,10 @@ async def history(request: web.Request) -> web.Response:
         entries = [
             e
             for e in entries
-            if e["cmd"] == CMD_CUSTOMER
+            if e.cmd == CMD_CUSTOMER
             and (
-                (e["receiver_appid"] == kefu and e["receiver"] in sellers)
-                or (e["sender_appid"] == kefu and e["sender"] in sellers)
+                (e.receiver_appid == kefu and e.receiver in sellers)
+                or (e.sender_appid == kefu and e.sender in sellers)
             )
         ]
     return data([render_entry(e) for e in entries])
@@ -278,8 +277,8 @@ async def internal_inbox(request: web.Request) -> web.Response:
     after = query_id(request, "after") or 0
     limit = min(query_id(request, "limit") or 1000, 3000)
     owner = user_inbox(uid) if uid is not None else f"g:{gid}"
-    docs = await domain(request).repo.page(appid, owner, after, limit)
-    return data([render_entry(d) for d in docs])
+    entries = await domain(request).repo.page(appid, owner, after, limit)
+    return data([render_entry(e) for e in entries])
 
 
 async def internal_sync_key(request: web.Request) -> web.Response:
@@ -300,7 +299,7 @@ async def internal_customer_message(request: web.Request) -> web.Response:
         body.content,
         request_id_of(request),
     )
-    return json_response({"msg_id": post["_id"]})
+    return json_response({"msg_id": post.id})
 
 
 # ---- the API description (for /openapi.json) ------------------------------------------------
@@ -388,7 +387,9 @@ def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
         customers: CustomerDirectory = deps.customers or HttpCustomerDirectory(
             settings.customer_url, settings.internal_secret
         )
-        messages = MessagesDomain(MessagesRepository(app[DB]), app[BUS], settings, groups)
+        repo = MessagesRepository(app[DB])
+        await repo.migrate()
+        messages = MessagesDomain(repo, app[BUS], settings, groups)
         app[MESSAGES] = messages
         app[CUSTOMERS] = customers
         subscription = await app[BUS].subscribe(
@@ -413,6 +414,7 @@ def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
             with contextlib.suppress(asyncio.CancelledError):
                 await recovery
             await subscription.cancel()
+            await repo.close()
             if deps.groups is None:
                 await groups.close()
             if deps.customers is None:

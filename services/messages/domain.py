@@ -1,11 +1,12 @@
 """The messages domain: storing accepted messages in inboxes and group queues, turning group
 changes into group notifications, offline counts and history. No HTTP here.
 
-Every message goes through ``post``: the accepted message is recorded (``pending``, with its
-recipients), stored in each inbox idempotently, its ``message.*`` event is published (its
-event id is the message id) and the post is marked ``done``. If anything stops in between, or
-the broker is away, ``recover`` finishes it: nothing is stored twice, and every stored message
-gets its event (possibly twice, under the same event id).
+Every message goes through ``post``: the accepted message is recorded as pending (with its
+recipients and where each inbox's append starts), stored in each inbox idempotently, its
+``message.*`` event is published (its event id is the message id), and it is logged done and
+taken off the pending list (in the background, batched with other requests'). If anything
+stops in between, or the broker is away, ``recover`` finishes it: nothing is stored twice, and
+every stored message gets its event (possibly twice, under the same event id).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from shared.jsonio import dumps
 from shared.mongo import Document
 from shared.settings import Settings
 
-from .repository import MessagesRepository, group_queue, keys_of, user_inbox
+from .repository import Entry, MessagesRepository, Post, group_queue, keys_of, user_inbox
 
 log = structlog.get_logger("parley.messages")
 
@@ -83,50 +84,59 @@ class MessagesDomain:
         self.bus = bus
         self.settings = settings
         self.groups = groups
+        self._in_flight: dict[str, int] = {}  # posts being stored and announced here
 
     # ---- the message lifecycle ----
 
-    async def post(self, post: Document, rid: str = "") -> Document:
-        """Accept, store and announce one message described by ``post``; returns it done."""
-        post = {
-            "state": "pending",
-            "created_at": utcnow(),
-            "timestamp": int(time.time()),
-            **post,
-        }
-        existing = await self.repo.insert_post(post)
-        if existing is not None:
-            if existing["state"] == "done":
-                return existing
+    async def post(self, post: Post, rid: str = "", *, derived: bool = False) -> Post:
+        """Accept, store and announce one message; returns it done. A ``derived`` post's id
+        comes from an event: it may have been posted (and done) before, so the log is read
+        first and the post is logged done at once rather than in the background."""
+        if derived and (done := await self.repo.done_post(post.id)) is not None:
+            return done
+        owners, _ = self._placement(post)
+        post.plan = await self.repo.plan(post.appid, owners)
+        existing = await self.repo.insert_pending(post)
+        if existing is not None:  # in flight elsewhere, or left by a crash: finish it
             post = existing
-        await self._complete(post, rid)
+        await self._complete(post, rid, now=derived)
         return post
 
-    async def _complete(self, post: Document, rid: str) -> None:
+    async def _complete(self, post: Post, rid: str, *, now: bool = False) -> None:
+        self._in_flight[post.id] = self._in_flight.get(post.id, 0) + 1
+        try:
+            await self._store_and_announce(post, rid, now=now)
+        finally:
+            self._in_flight[post.id] -= 1
+            if not self._in_flight[post.id]:
+                del self._in_flight[post.id]
+
+    async def _store_and_announce(self, post: Post, rid: str, *, now: bool) -> None:
         owners, fields = self._placement(post)
-        keys = await self.repo.append(post["appid"], owners, post["_id"], fields)
-        post["keys"] = keys
+        post.keys = await self.repo.append(post.appid, owners, post.id, fields, post.plan)
         if self.bus is None:
             return  # a process without a broker: a running service's recovery announces it
-        event = self._event(post, keys)
+        event = self._event(post, post.keys)
         try:
             await self.bus.publish_event(event, headers={"request_id": rid} if rid else None)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # durable as pending: the recovery loop announces it
-            log.warning("publish failed; recovery will retry", msg=post["_id"], error=repr(exc))
+            log.warning("publish failed; recovery will retry", msg=post.id, error=repr(exc))
             return
-        await self.repo.finish_post(post["_id"], keys)
+        await self.repo.finish(post, now=now)
 
     async def recover(self, grace: float) -> int:
         """Finish posts left pending (a crash between accepting and announcing)."""
         done = 0
         for post in await self.repo.pending_posts(utcnow() - timedelta(seconds=grace)):
+            if post.id in self._in_flight or self.repo.finishing(post.id):
+                continue  # still being handled here, or announced and about to be logged
             try:
-                await self._complete(post, "")
+                await self._complete(post, "", now=True)
                 done += 1
             except Exception as exc:  # keep going; the next pass retries
-                log.warning("recovering a pending message failed", msg=post["_id"], error=repr(exc))
+                log.warning("recovering a pending message failed", msg=post.id, error=repr(exc))
         if done:
             log.info("recovered pending messages", count=done)
         return done
@@ -138,175 +148,152 @@ class MessagesDomain:
             await asyncio.sleep(interval)
 
     @staticmethod
-    def _placement(post: Document) -> tuple[list[str], Document]:
+    def _placement(post: Post) -> tuple[list[str], Document]:
         """Which inboxes a post is stored in, and the stored fields."""
-        kind = post["kind"]
-        fields: Document = {"content": post["content"], "timestamp": post["timestamp"]}
+        kind = post.kind
+        fields: Document = {"content": post.content, "timestamp": post.timestamp}
         if kind == "peer":
-            fields |= {"cmd": CMD_PEER, "sender": post["sender"], "receiver": post["receiver"]}
-            return [user_inbox(post["receiver"]), user_inbox(post["sender"])], fields
+            fields |= {"cmd": CMD_PEER, "sender": post.sender, "receiver": post.receiver}
+            return [user_inbox(post.receiver), user_inbox(post.sender)], fields
         if kind == "group":
-            fields |= {"cmd": CMD_GROUP, "sender": post["sender"], "receiver": post["gid"]}
-            if post["super"]:
-                return [group_queue(post["gid"])], fields
-            return [user_inbox(uid) for uid in post["members"]], fields
+            fields |= {"cmd": CMD_GROUP, "sender": post.sender, "receiver": post.gid}
+            if post.super:
+                return [group_queue(post.gid)], fields
+            return [user_inbox(uid) for uid in post.members], fields
         if kind == "system":
             fields |= {"cmd": CMD_SYSTEM, "sender": 0, "receiver": 0}
-            return [user_inbox(uid) for uid in post["receivers"]], fields
+            return [user_inbox(uid) for uid in post.receivers], fields
         if kind == "group_notification":
-            fields |= {"cmd": CMD_GROUP_NOTIFICATION, "sender": 0, "receiver": post["gid"]}
-            if post["super"] and not post.get("per_inbox"):
-                return [group_queue(post["gid"])], fields
-            return [user_inbox(uid) for uid in post["recipients"]], fields
+            fields |= {"cmd": CMD_GROUP_NOTIFICATION, "sender": 0, "receiver": post.gid}
+            if post.super and not post.per_inbox:
+                return [group_queue(post.gid)], fields
+            return [user_inbox(uid) for uid in post.recipients], fields
         if kind == "customer":
             fields |= {
                 "cmd": CMD_CUSTOMER,
-                "sender": post["sender"],
-                "receiver": post["receiver"],
-                "sender_appid": post["sender_appid"],
-                "receiver_appid": post["receiver_appid"],
+                "sender": post.sender,
+                "receiver": post.receiver,
+                "sender_appid": post.sender_appid,
+                "receiver_appid": post.receiver_appid,
             }
             # The post belongs to the sender's app; the receiver's copy, in the receiver's
             # app, was stored before the post (see ``post_customer``).
-            return [user_inbox(post["sender"])], fields
+            return [user_inbox(post.sender)], fields
         return [], fields  # notification, room: never stored
 
     @staticmethod
-    def _event(post: Document, keys: dict[str, int]) -> Event:
+    def _event(post: Post, keys: dict[str, int]) -> Event:
         base = {
-            "event_id": post["_id"],  # stable: a re-announced message is recognisably the same
-            "occurred_at": post["created_at"],
-            "appid": post["appid"],
-            "msg_id": post["_id"],
-            "content": post["content"],
-            "timestamp": post["timestamp"],
+            "event_id": post.id,  # stable: a re-announced message is recognisably the same
+            "occurred_at": post.created_at,
+            "appid": post.appid,
+            "msg_id": post.id,
+            "content": post.content,
+            "timestamp": post.timestamp,
         }
-        kind = post["kind"]
+        kind = post.kind
         if kind == "peer":
             return PeerMessage(
-                **base, sender=post["sender"], receiver=post["receiver"], keys=keys_of(keys)
+                **base, sender=post.sender, receiver=post.receiver, keys=keys_of(keys)
             )
         if kind == "group":
             return GroupMessage(
                 **base,
-                sender=post["sender"],
-                gid=post["gid"],
-                super=post["super"],
-                members=post["members"],
+                sender=post.sender,
+                gid=post.gid,
+                super=post.super,
+                members=post.members,
                 keys=keys_of(keys),
-                group_key=keys.get(group_queue(post["gid"])),
+                group_key=keys.get(group_queue(post.gid)),
             )
         if kind == "system":
             return SystemMessage(**base, keys=keys_of(keys))
         if kind == "notification":
-            return NotificationMessage(**base, receiver=post["receiver"])
+            return NotificationMessage(**base, receiver=post.receiver)
         if kind == "room":
-            return RoomMessage(**base, sender=post["sender"], room=post["room"])
+            return RoomMessage(**base, sender=post.sender, room=post.room)
         if kind == "group_notification":
             return GroupNotificationMessage(
                 **base,
-                gid=post["gid"],
-                super=post["super"],
-                recipients=post["recipients"],
+                gid=post.gid,
+                super=post.super,
+                recipients=post.recipients,
                 keys=keys_of(keys),
-                group_key=keys.get(group_queue(post["gid"])),
-                cause=post.get("cause"),
+                group_key=keys.get(group_queue(post.gid)),
+                cause=post.cause,
             )
         if kind == "customer":
             return CustomerMessageEvent(
                 **base,
-                sender_appid=post["sender_appid"],
-                sender=post["sender"],
-                receiver_appid=post["receiver_appid"],
-                receiver=post["receiver"],
-                sender_key=keys[user_inbox(post["sender"])],
-                receiver_key=post["receiver_key"],
+                sender_appid=post.sender_appid,
+                sender=post.sender,
+                receiver_appid=post.receiver_appid,
+                receiver=post.receiver,
+                sender_key=keys[user_inbox(post.sender)],
+                receiver_key=post.receiver_key,
             )
         raise ValueError(f"unknown message kind {kind!r}")
 
     # ---- the REST endpoints' operations ----
 
+    @staticmethod
+    def _new(appid: int, kind: str, content: str, **fields: Any) -> Post:
+        return Post(
+            id=new_msg_id(),
+            appid=appid,
+            kind=kind,
+            content=content,
+            timestamp=int(time.time()),
+            created_at=utcnow(),
+            **fields,
+        )
+
     async def post_peer(
         self, appid: int, sender: int, receiver: int, content: str, rid: str = ""
-    ) -> Document:
+    ) -> Post:
         return await self.post(
-            {
-                "_id": new_msg_id(),
-                "appid": appid,
-                "kind": "peer",
-                "sender": sender,
-                "receiver": receiver,
-                "content": content,
-            },
-            rid,
+            self._new(appid, "peer", content, sender=sender, receiver=receiver), rid
         )
 
     async def post_group(
         self, appid: int, sender: int, gid: int, content: str, rid: str = ""
-    ) -> Document:
+    ) -> Post:
         group = await self.groups.get_group(appid, gid)
         if group is None:
             raise ParleyError(GROUP_NON_EXISTS)
         return await self.post(
-            {
-                "_id": new_msg_id(),
-                "appid": appid,
-                "kind": "group",
-                "sender": sender,
-                "gid": gid,
-                "super": group.super,
-                "members": group.members,
-                "content": content,
-            },
+            self._new(
+                appid,
+                "group",
+                content,
+                sender=sender,
+                gid=gid,
+                super=group.super,
+                members=group.members,
+            ),
             rid,
         )
 
     async def post_system(
         self, appid: int, receivers: Sequence[int], content: str, rid: str = ""
-    ) -> Document:
+    ) -> Post:
         return await self.post(
-            {
-                "_id": new_msg_id(),
-                "appid": appid,
-                "kind": "system",
-                "receivers": list(dict.fromkeys(receivers)),
-                "content": content,
-            },
-            rid,
+            self._new(appid, "system", content, receivers=list(dict.fromkeys(receivers))), rid
         )
 
     async def post_notification(
         self, appid: int, receiver: int, content: str, rid: str = ""
-    ) -> Document:
-        return await self.post(
-            {
-                "_id": new_msg_id(),
-                "appid": appid,
-                "kind": "notification",
-                "receiver": receiver,
-                "content": content,
-            },
-            rid,
-        )
+    ) -> Post:
+        return await self.post(self._new(appid, "notification", content, receiver=receiver), rid)
 
     async def post_room(
         self, appid: int, sender: int, room: int, content: str, rid: str = ""
-    ) -> Document:
-        return await self.post(
-            {
-                "_id": new_msg_id(),
-                "appid": appid,
-                "kind": "room",
-                "sender": sender,
-                "room": room,
-                "content": content,
-            },
-            rid,
-        )
+    ) -> Post:
+        return await self.post(self._new(appid, "room", content, sender=sender, room=room), rid)
 
     async def post_group_notification(
         self, appid: int, gid: int, content: str, rid: str = ""
-    ) -> Document:
+    ) -> Post:
         """S15: a custom notification to the group's current members."""
         group = await self.groups.get_group(appid, gid)
         if group is None:
@@ -314,15 +301,14 @@ class MessagesDomain:
         if not group.members:
             raise ParleyError(GROUP_NO_MEMBER)
         return await self.post(
-            {
-                "_id": new_msg_id(),
-                "appid": appid,
-                "kind": "group_notification",
-                "gid": gid,
-                "super": group.super,
-                "recipients": group.members,
-                "content": content,
-            },
+            self._new(
+                appid,
+                "group_notification",
+                content,
+                gid=gid,
+                super=group.super,
+                recipients=group.members,
+            ),
             rid,
         )
 
@@ -334,10 +320,18 @@ class MessagesDomain:
         receiver: int,
         content: str,
         rid: str = "",
-    ) -> Document:
+    ) -> Post:
         """A customer-service message (cmd 64) between two apps, as a delivery server posts
         it: stored in the receiver's inbox (in ``receiver_appid``) and the sender's."""
-        msg_id = new_msg_id()
+        post = self._new(
+            sender_appid,
+            "customer",
+            content,
+            sender=sender,
+            receiver=receiver,
+            sender_appid=sender_appid,
+            receiver_appid=receiver_appid,
+        )
         fields = {
             "cmd": CMD_CUSTOMER,
             "sender": sender,
@@ -345,24 +339,15 @@ class MessagesDomain:
             "sender_appid": sender_appid,
             "receiver_appid": receiver_appid,
             "content": content,
-            "timestamp": int(time.time()),
+            "timestamp": post.timestamp,
         }
         # The receiver's copy lives in another app's inboxes: store it first (idempotent by
         # msg_id); the post in the sender's app then records and announces both.
         receiver_keys = await self.repo.append(
-            receiver_appid, [user_inbox(receiver)], msg_id, fields
+            receiver_appid, [user_inbox(receiver)], post.id, fields
         )
-        return await self.post(
-            {
-                "_id": msg_id,
-                "appid": sender_appid,
-                "kind": "customer",
-                "timestamp": fields["timestamp"],
-                "receiver_key": receiver_keys[user_inbox(receiver)],
-                **{k: v for k, v in fields.items() if k not in ("cmd", "timestamp")},
-            },
-            rid,
-        )
+        post.receiver_key = receiver_keys[user_inbox(receiver)]
+        return await self.post(post, rid)
 
     # ---- group notifications from the groups service's events ----
 
@@ -393,18 +378,20 @@ class MessagesDomain:
         if not recipients:
             return  # nobody to notify (e.g. a group created empty): best effort, as the spec says
         await self.post(
-            {
-                "_id": msg_id,
-                "appid": event.appid,
-                "kind": "group_notification",
-                "gid": event.gid,
-                "super": event.super,
-                "per_inbox": per_inbox,
-                "recipients": recipients,
-                "content": dumps(op),
-                "cause": event.event_id,
-                "timestamp": event.timestamp,
-            }
+            Post(
+                id=msg_id,
+                appid=event.appid,
+                kind="group_notification",
+                content=dumps(op),
+                timestamp=event.timestamp,
+                created_at=utcnow(),
+                gid=event.gid,
+                super=event.super,
+                per_inbox=per_inbox,
+                recipients=recipients,
+                cause=event.event_id,
+            ),
+            derived=True,
         )
 
     # ---- reads ----
@@ -412,7 +399,7 @@ class MessagesDomain:
     async def offline_count(self, appid: int, uid: int) -> int:
         return await self.repo.count_after_sync_key(appid, user_inbox(uid))
 
-    async def history(self, appid: int, uid: int) -> list[Document]:
+    async def history(self, appid: int, uid: int) -> list[Entry]:
         return await self.repo.latest(appid, user_inbox(uid), HISTORY_CMDS, HISTORY_LIMIT)
 
 

@@ -1,5 +1,9 @@
-"""The messages service's collections: inboxes and super-group queues with sync keys, and the
-accepted-message log.
+"""The messages service's collections: inboxes and super-group queues with sync keys, the
+messages in flight and the accepted-message log.
+
+Every command a request issues is an insert or reads, updates or deletes one document by its
+string ``_id``: the one query every store (FerretDB on SQLite included) answers without
+reading the collection. So a request costs the same however many messages are stored.
 
 * ``messages_entries``: one document per stored message per inbox. An inbox is a user's
   (owner ``u:<uid>``) or a super group's queue (owner ``g:<gid>``), always within an appid::
@@ -8,53 +12,89 @@ accepted-message log.
        content, timestamp[, sender_appid, receiver_appid]}
 
   **Sync keys are dense and commit-ordered** (DESIGN invariant 3): an entry is inserted under
-  key k only after entry k-1 of the same inbox is committed (k = the inbox counter + 1, or the
-  next key after a duplicate-key refusal), and ``_id`` makes each key unique. So a reader that
-  has everything up to K can never later find a new entry at or below K, however many
-  replicas write. Readers also stop at the first gap, so even a read that raced a writer
-  returns a committed prefix. ``msg`` (unique per inbox) makes every append idempotent.
-* ``messages_counters``: ``{_id: "<appid>:<owner>", seq, sync_key}``. ``seq`` is a hint (the
-  highest key known committed), raised with ``$max`` after each append; ``sync_key`` is the
-  position a delivery server last acknowledged for the user (0: none).
-* ``messages_posts``: every accepted message, first as ``pending`` (the intent, with its
-  recipients), then ``done`` with its keys once its ``message.*`` event is confirmed by the
-  broker. A pending post *is* the message's outbox: one left by a crash or a broker outage is
-  completed (stored again idempotently, announced under the same event id) by the recovery
-  loop of any replica.
+  key k only when entry k-1 of the same inbox is known committed (this process stored it, or
+  read it, or a duplicate-key refusal showed it), and ``_id`` makes each key unique. So a
+  reader that has everything up to K can never later find a new entry at or below K, however
+  many replicas write; readers also stop at the first missing key. The unique index on
+  ``(appid, owner, msg)`` makes every append idempotent: a message is never stored twice in
+  one inbox, whichever attempt (first, retried, recovered) stores it.
+* ``messages_chunks``: ``{_id: "<appid>:<owner>:<n>", entries: [...]}``, a copy of the 32
+  entries of keys ``32n+1 .. 32n+32`` of an inbox, written once (by insert) when all of them
+  are committed: in the background by the process that stored all 32, else by the first
+  reader that needs them. Entries never change, so a chunk never does: history and inbox
+  paging read 32 entries with one ``_id`` lookup.
+* ``messages_counters``: ``{_id: "<appid>:<owner>", seq}``, a hint: a key known committed
+  (never above the last one), raised in the background in batches. A process that has not
+  seen an inbox starts from it and probes forward by ``_id`` to the first free key.
+* ``messages_sync_keys``: ``{_id: "<appid>:<owner>", key}``, the position a delivery server
+  last acknowledged for the user (0: none). Kept apart from the counters so that raising a
+  hint in the background never writes over an acknowledgement (the local store has no atomic
+  update: an update rewrites the whole document).
+* ``messages_pending``: the messages in flight, each the whole post (its recipients and the
+  key each inbox's append starts from), inserted before anything is stored and deleted once
+  its ``message.*`` event is confirmed by the broker. A pending post *is* the message's
+  outbox: one left by a crash or a broker outage is completed (stored again idempotently,
+  announced under the same event id) by the recovery loop of any replica, which reads only
+  this small collection.
+* ``messages_posts``: the accepted-message log, each post once it is ``done``, with the key
+  it got in each inbox. Written (like the deletions of pending posts and the hints) in the
+  background in batches, except for posts whose id is derived from an event, which are
+  written at once because a replayed event looks them up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from pymongo import IndexModel, UpdateOne
-from pymongo.errors import BulkWriteError, DuplicateKeyError
+import structlog
+from pymongo import DeleteOne, IndexModel, UpdateOne
+from pymongo.errors import BulkWriteError, CollectionInvalid, DuplicateKeyError
 
 from shared.mongo import Collection, Database, Document
 
+log = structlog.get_logger("parley.messages")
+
 ENTRIES = "messages_entries"
+CHUNKS = "messages_chunks"
 COUNTERS = "messages_counters"
+SYNC_KEYS = "messages_sync_keys"
+PENDING = "messages_pending"
 POSTS = "messages_posts"
 
 INDEXES: dict[str, list[IndexModel]] = {
     ENTRIES: [
         IndexModel([("appid", 1), ("owner", 1), ("msg", 1)], unique=True, name="inbox_msg"),
-        IndexModel([("appid", 1), ("owner", 1), ("key", 1)], name="inbox_key"),
     ],
+    CHUNKS: [],
     COUNTERS: [],
-    POSTS: [IndexModel([("state", 1), ("created_at", 1)], name="pending")],
+    SYNC_KEYS: [],
+    PENDING: [],
+    POSTS: [],
 }
 
 DUPLICATE_KEY = 11000
-COUNTER_STRIDE = 16
-UPDATE_BATCH = 50
+CHUNK = 32
+# FerretDB 1.24 (SQLite) stops answering altogether when one update command carries 100 or
+# more updates of existing documents: every batched update or delete stays below that.
+WRITE_BATCH = 50
 KEY_CACHE_SIZE = 100_000
+OPEN_CHUNKS = 10_000
+APPENDED_SIZE = 2_000
+MAX_ROUNDS = 1_000
+READS_AT_ONCE = 4
+RECENT_CHUNKS = 2_000
+FLUSH_INTERVAL = 0.05
+PENDING_BATCH = 1000
+SCHEMA_ID = "~schema"
+SCHEMA_VERSION = 2
 
 
 def user_inbox(uid: int) -> str:
@@ -65,60 +105,347 @@ def group_queue(gid: int) -> str:
     return f"g:{gid}"
 
 
+def entry_id(appid: int, owner: str, key: int) -> str:
+    return f"{appid}:{owner}:{key}"
+
+
+# ---- models ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One stored message in one inbox, under its sync key."""
+
+    appid: int
+    owner: str
+    key: int
+    msg: str
+    cmd: int
+    sender: int
+    receiver: int
+    timestamp: int
+    content: str
+    sender_appid: int | None = None
+    receiver_appid: int | None = None
+
+    @property
+    def id(self) -> str:
+        return entry_id(self.appid, self.owner, self.key)
+
+    @classmethod
+    def from_doc(cls, appid: int, owner: str, doc: Document) -> Entry:
+        return cls(
+            appid,
+            owner,
+            int(doc["key"]),
+            str(doc["msg"]),
+            int(doc["cmd"]),
+            int(doc["sender"]),
+            int(doc["receiver"]),
+            int(doc["timestamp"]),
+            str(doc["content"]),
+            doc.get("sender_appid"),
+            doc.get("receiver_appid"),
+        )
+
+
+@dataclass(slots=True)
+class Post:
+    """An accepted message: what it is, who gets it, and (once stored) its key in each inbox.
+
+    ``members`` are a group message's members at posting, ``receivers`` a system message's,
+    ``recipients`` a group notification's. ``plan`` is, per inbox, a key at or below the one
+    the message gets there (where an append of it starts looking); ``keys`` are the keys it
+    got."""
+
+    id: str
+    appid: int
+    kind: str
+    content: str
+    timestamp: int
+    created_at: datetime
+    state: str = "pending"
+    sender: int = 0
+    receiver: int = 0
+    gid: int = 0
+    super: bool = False
+    members: list[int] = field(default_factory=list)
+    receivers: list[int] = field(default_factory=list)
+    recipients: list[int] = field(default_factory=list)
+    room: int = 0
+    per_inbox: bool = False
+    cause: str | None = None
+    sender_appid: int = 0
+    receiver_appid: int = 0
+    receiver_key: int = 0
+    plan: dict[str, int] = field(default_factory=dict)
+    keys: dict[str, int] = field(default_factory=dict)
+
+    def doc(self) -> Document:
+        doc: Document = {
+            "_id": self.id,
+            "appid": self.appid,
+            "kind": self.kind,
+            "state": self.state,
+            "content": self.content,
+            "timestamp": self.timestamp,
+            "created_at": self.created_at,
+        }
+        kind = self.kind
+        if kind in ("peer", "group", "room", "customer"):
+            doc["sender"] = self.sender
+        if kind in ("peer", "notification", "customer"):
+            doc["receiver"] = self.receiver
+        if kind in ("group", "group_notification"):
+            doc |= {"gid": self.gid, "super": self.super}
+        if kind == "group":
+            doc["members"] = self.members
+        if kind == "system":
+            doc["receivers"] = self.receivers
+        if kind == "group_notification":
+            doc |= {"recipients": self.recipients, "per_inbox": self.per_inbox}
+            doc["cause"] = self.cause
+        if kind == "room":
+            doc["room"] = self.room
+        if kind == "customer":
+            doc |= {
+                "sender_appid": self.sender_appid,
+                "receiver_appid": self.receiver_appid,
+                "receiver_key": self.receiver_key,
+            }
+        if self.plan:
+            doc["plan"] = self.plan
+        if self.keys:
+            doc["keys"] = self.keys
+        return doc
+
+    @classmethod
+    def from_doc(cls, doc: Document) -> Post:
+        return cls(
+            id=str(doc["_id"]),
+            appid=int(doc["appid"]),
+            kind=str(doc["kind"]),
+            content=str(doc["content"]),
+            timestamp=int(doc["timestamp"]),
+            created_at=doc["created_at"],
+            state=str(doc.get("state", "pending")),
+            sender=int(doc.get("sender", 0)),
+            receiver=int(doc.get("receiver", 0)),
+            gid=int(doc.get("gid", 0)),
+            super=bool(doc.get("super", False)),
+            members=[int(u) for u in doc.get("members", [])],
+            receivers=[int(u) for u in doc.get("receivers", [])],
+            recipients=[int(u) for u in doc.get("recipients", [])],
+            room=int(doc.get("room", 0)),
+            per_inbox=bool(doc.get("per_inbox", False)),
+            cause=doc.get("cause"),
+            sender_appid=int(doc.get("sender_appid", 0)),
+            receiver_appid=int(doc.get("receiver_appid", 0)),
+            receiver_key=int(doc.get("receiver_key", 0)),
+            plan={str(k): int(v) for k, v in (doc.get("plan") or {}).items()},
+            keys={str(k): int(v) for k, v in (doc.get("keys") or {}).items()},
+        )
+
+
+# ---- the repository -------------------------------------------------------------------------
+
+
 class MessagesRepository:
     def __init__(self, db: Database) -> None:
         self.entries: Collection = db[ENTRIES]
+        self.chunks: Collection = db[CHUNKS]
         self.counters: Collection = db[COUNTERS]
+        self.sync_keys: Collection = db[SYNC_KEYS]
+        self.pending: Collection = db[PENDING]
         self.posts: Collection = db[POSTS]
-        self._next: OrderedDict[str, int] = OrderedDict()  # inbox -> the next key to try
+        # inbox ("<appid>:<owner>") -> a key such that every key below it is committed
+        self._next: OrderedDict[str, int] = OrderedDict()
+        self._appended: OrderedDict[str, dict[str, int]] = OrderedDict()  # appid:msg -> keys
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        # Background work, written in batches by ``flush``.
+        self._hints: dict[str, int] = {}
+        self._finished: dict[str, Document] = {}
+        self._sealed: dict[str, Document] = {}
+        # inbox -> the entries of its open chunk that this process stored one after another
+        self._open: OrderedDict[str, list[Document]] = OrderedDict()
+        self._recent: OrderedDict[str, list[Document]] = OrderedDict()  # chunk id -> entries
+        self._flusher: asyncio.Task[None] | None = None
+        self._reads = asyncio.Semaphore(READS_AT_ONCE)
 
     # ---- appending ----
 
-    async def append(
-        self, appid: int, owners: Sequence[str], msg_id: str, fields: Document
-    ) -> dict[str, int]:
-        """Store one message in each inbox of ``owners``; returns each inbox's key. Appending
-        a message an inbox already holds returns its existing key.
+    async def plan(self, appid: int, owners: Iterable[str]) -> dict[str, int]:
+        """For each inbox, a key at or below the next free one: where an append starts. From
+        what this process knows, else from the inbox's hint (one ``_id`` read each)."""
+        plan: dict[str, int] = {}
+        cold: list[str] = []
+        for owner in owners:
+            known = self._next.get(f"{appid}:{owner}")
+            if known is None:
+                cold.append(owner)
+            else:
+                plan[owner] = known
+        if cold:
+            hints = await asyncio.gather(*(self._hint(f"{appid}:{o}") for o in cold))
+            plan |= {owner: hint + 1 for owner, hint in zip(cold, hints, strict=True)}
+        return plan
 
-        Within this process, appends to one inbox take turns (a lock per inbox) and the next
-        key is remembered, so the usual append is one ``insert_many`` for all inboxes. Other
-        replicas' appends show up as duplicate keys, resolved by ``_append_after``."""
+    async def _by_id(
+        self, collection: Collection, doc_id: str, fields: dict[str, int] | None = None
+    ) -> Document | None:
+        """One document by ``_id``. Many at once (a cold fan-out, a chunk to copy) take turns
+        a few at a time: thousands of concurrent commands cost the local store far more than
+        the same commands a few at a time."""
+        async with self._reads:
+            return await collection.find_one({"_id": doc_id}, fields)
+
+    async def _hint(self, inbox: str) -> int:
+        doc = await self._by_id(self.counters, inbox, {"seq": 1})
+        return int(doc.get("seq", 0)) if doc else 0
+
+    async def append(
+        self,
+        appid: int,
+        owners: Sequence[str],
+        msg_id: str,
+        fields: Document,
+        plan: dict[str, int] | None = None,
+    ) -> dict[str, int]:
+        """Store one message in each inbox of ``owners``; returns each inbox's key. An inbox
+        that already holds the message keeps it under its existing key (found at or after
+        ``plan``'s key for that inbox, which must not be above it: see ``plan``).
+
+        Appends to one inbox take turns within this process (a lock per inbox), so the usual
+        append is one ``insert_many`` for all inboxes. A key another replica took shows up as
+        a duplicate key: those inboxes are retried once at the following key, together, and
+        then resolved by reading forward by ``_id`` from the plan."""
         owners = sorted(set(owners))
         if not owners:
             return {}
-        inboxes = [f"{appid}:{owner}" for owner in owners]
+        known = dict(plan or {})
+        unplanned = [o for o in owners if o not in known]
+        if unplanned:
+            known |= await self.plan(appid, unplanned)
+        start = {owner: known[owner] for owner in owners}
         async with contextlib.AsyncExitStack() as held:
-            for inbox in inboxes:  # sorted: no two appends wait for each other in a cycle
-                await held.enter_async_context(self._lock(inbox))
-            first = await self._next_keys(inboxes)
-            docs = [
-                self._entry(appid, owner, first[inbox], msg_id, fields)
-                for owner, inbox in zip(owners, inboxes, strict=True)
-            ]
-            retry: list[int] = []
-            try:
-                await self.entries.insert_many(docs, ordered=False)
-            except BulkWriteError as exc:
-                for error in exc.details.get("writeErrors", []):
-                    if error.get("code") != DUPLICATE_KEY:
-                        raise
-                    retry.append(error["index"])
-            keys = {owner: first[inbox] for owner, inbox in zip(owners, inboxes, strict=True)}
-            for index in retry:
-                keys[owners[index]] = await self._append_after(
-                    appid, owners[index], first[inboxes[index]], msg_id, fields
-                )
-            for owner, inbox in zip(owners, inboxes, strict=True):
-                self._remember(inbox, max(keys[owner] + 1, self._next.get(inbox, 0)))
-            # The counters are a starting point for cold processes: kept within a few keys.
-            stale = {
-                owner: key
-                for index, (owner, key) in enumerate(keys.items())
-                if index in retry or key % COUNTER_STRIDE == 0
+            for owner in owners:  # sorted: no two appends wait for each other in a cycle
+                await held.enter_async_context(self._lock(f"{appid}:{owner}"))
+            # Stored by this process already (e.g. an event delivered twice, both at once).
+            done = self._appended.get(f"{appid}:{msg_id}", {})
+            keys = {o: k for o, k in done.items() if o in start}
+            todo = {
+                o: max(start[o], self._next.get(f"{appid}:{o}", 0)) for o in owners if o not in keys
             }
-            await self._raise_counters(appid, stale)
+            rounds = 0
+            while todo:
+                failed = await self._insert(appid, todo, msg_id, fields)
+                keys |= {o: k for o, k in todo.items() if o not in failed}
+                if not failed:
+                    break
+                rounds += 1
+                if rounds > MAX_ROUNDS:
+                    raise RuntimeError(f"no free key found for message {msg_id!r}")
+                if rounds == 1:  # usually another replica's entry: the next key is free
+                    todo = {o: todo[o] + 1 for o in failed}
+                    continue
+                found = await asyncio.gather(
+                    *(self._walk(appid, o, start[o], todo[o], msg_id) for o in failed)
+                )
+                todo = {}
+                for owner, (ours, key) in zip(failed, found, strict=True):
+                    if ours:
+                        keys[owner] = key
+                    else:
+                        todo[owner] = key
+                        start[owner] = key  # everything below was read: not this message
+            self._appended[f"{appid}:{msg_id}"] = keys
+            self._appended.move_to_end(f"{appid}:{msg_id}")
+            while len(self._appended) > APPENDED_SIZE:
+                self._appended.popitem(last=False)
+            for owner, key in keys.items():
+                inbox = f"{appid}:{owner}"
+                self._remember(inbox, key + 1)
+                self._hints[inbox] = max(key, self._hints.get(inbox, 0))
+                self._gather(inbox, {"key": key, "msg": msg_id, **fields})
+        self._schedule()
         return keys
+
+    def _gather(self, inbox: str, entry: Document) -> None:
+        """Keep the entries this process stores one after another in an inbox's open chunk;
+        once it holds the whole chunk, its copy is written in the background (so readers
+        seldom have to make it)."""
+        key = entry["key"]
+        if key % CHUNK == 1:
+            run = [entry]
+        else:
+            run = self._open.pop(inbox, [])
+            if run and key <= run[-1]["key"]:  # found stored again (a retry): held already
+                self._open[inbox] = run
+                return
+            if not run or run[-1]["key"] != key - 1:
+                return  # another replica stored some: the first reader makes the copy
+            run.append(entry)
+        if len(run) == CHUNK:
+            chunk_id = f"{inbox}:{key // CHUNK - 1}"
+            self._sealed[chunk_id] = {"_id": chunk_id, "entries": run}
+            self._keep_chunk(chunk_id, run)
+            return
+        self._open[inbox] = run
+        while len(self._open) > OPEN_CHUNKS:
+            self._open.popitem(last=False)
+
+    async def _insert(
+        self, appid: int, keys: dict[str, int], msg_id: str, fields: Document
+    ) -> list[str]:
+        """Insert the entries; returns the inboxes whose insert met a duplicate key."""
+        owners = list(keys)
+        docs = [
+            {
+                "_id": entry_id(appid, owner, keys[owner]),
+                "appid": appid,
+                "owner": owner,
+                "key": keys[owner],
+                "msg": msg_id,
+                **fields,
+            }
+            for owner in owners
+        ]
+        try:
+            await self.entries.insert_many(docs, ordered=False)
+        except BulkWriteError as exc:
+            failed: list[str] = []
+            for error in exc.details.get("writeErrors", []):
+                if error.get("code") != DUPLICATE_KEY:
+                    raise
+                failed.append(owners[error["index"]])
+            return failed
+        return []
+
+    async def _walk(
+        self, appid: int, owner: str, start: int, refused: int, msg_id: str
+    ) -> tuple[bool, int]:
+        """(True, key) if the inbox holds ``msg_id`` at or after ``start``, else (False, the
+        first free key). Keys are dense, so the message, if stored at or after ``start``,
+        comes before the first free key. ``refused`` is the key whose insert was just refused:
+        if it is free, the refusal came from the message being stored below ``start`` (only
+        a post written by an older version, which recorded no plan): found by its ``msg``."""
+        key = start
+        while True:
+            doc = await self._by_id(self.entries, entry_id(appid, owner, key), {"msg": 1})
+            if doc is None:
+                break
+            if doc.get("msg") == msg_id:
+                return True, key
+            key += 1
+        if key != refused:
+            return False, key
+        log.warning("message stored below its plan; looking it up", msg=msg_id, owner=owner)
+        mine = await self.entries.find_one(
+            {"appid": appid, "owner": owner, "msg": msg_id}, {"key": 1}
+        )
+        if mine is None:
+            return False, key
+        return True, int(mine["key"])
 
     def _lock(self, inbox: str) -> asyncio.Lock:
         lock = self._locks.get(inbox)
@@ -128,153 +455,297 @@ class MessagesRepository:
         return lock
 
     def _remember(self, inbox: str, next_key: int) -> None:
-        self._next[inbox] = next_key
+        self._next[inbox] = max(next_key, self._next.get(inbox, 0))
         self._next.move_to_end(inbox)
         while len(self._next) > KEY_CACHE_SIZE:
             self._next.popitem(last=False)
 
-    async def _next_keys(self, inboxes: list[str]) -> dict[str, int]:
-        keys = {inbox: self._next[inbox] for inbox in inboxes if inbox in self._next}
-        cold = [inbox for inbox in inboxes if inbox not in keys]
-        if cold:
-            seqs = {
-                doc["_id"]: int(doc.get("seq", 0))
-                async for doc in self.counters.find({"_id": {"$in": cold}}, {"seq": 1})
-            }
-            keys |= {inbox: seqs.get(inbox, 0) + 1 for inbox in cold}
-        return keys
-
-    async def _raise_counters(self, appid: int, keys: dict[str, int]) -> None:
-        updates = [
-            UpdateOne({"_id": f"{appid}:{owner}"}, {"$max": {"seq": key}}, upsert=True)
-            for owner, key in keys.items()
-        ]
-        # In small batches: FerretDB 1.24 (SQLite) stops answering altogether when one
-        # update command carries 100 or more updates of existing documents.
-        for start in range(0, len(updates), UPDATE_BATCH):
-            batch = updates[start : start + UPDATE_BATCH]
-            for _ in range(3):
-                if not batch:
-                    break
-                try:
-                    await self.counters.bulk_write(batch, ordered=False)
-                    break
-                except BulkWriteError as exc:
-                    # Two first appends raced to create a counter: retry those (now updates).
-                    errors = exc.details.get("writeErrors", [])
-                    if any(e.get("code") != DUPLICATE_KEY for e in errors):
-                        raise
-                    batch = [batch[e["index"]] for e in errors]
-
-    async def _append_after(
-        self, appid: int, owner: str, key: int, msg_id: str, fields: Document
-    ) -> int:
-        """``key`` was taken: store after the inbox's last entry, unless it holds ``msg_id``.
-        Entries at and above ``key`` are all committed (keys are dense), so the one after the
-        last of them is the next free key."""
-        while True:
-            mine = await self.entries.find_one(
-                {"appid": appid, "owner": owner, "msg": msg_id}, {"key": 1}
-            )
-            if mine is not None:  # stored before (a retried or recovered message)
-                return int(mine["key"])
-            last = (
-                await self.entries.find(
-                    {"appid": appid, "owner": owner, "key": {"$gte": key}}, {"key": 1}
-                )
-                .sort("key", -1)
-                .limit(1)
-                .to_list()
-            )
-            if last:
-                key = int(last[0]["key"]) + 1
-            try:
-                await self.entries.insert_one(self._entry(appid, owner, key, msg_id, fields))
-                return key
-            except DuplicateKeyError:
-                continue  # another replica took it meanwhile: look again
-
-    @staticmethod
-    def _entry(appid: int, owner: str, key: int, msg_id: str, fields: Document) -> Document:
-        return {
-            "_id": f"{appid}:{owner}:{key}",
-            "appid": appid,
-            "owner": owner,
-            "key": key,
-            "msg": msg_id,
-            **fields,
-        }
-
     # ---- reading ----
 
-    async def page(self, appid: int, owner: str, after: int, limit: int) -> list[Document]:
-        """Entries with key > ``after``, oldest first, up to ``limit``, stopping at a gap."""
-        docs = (
-            await self.entries.find({"appid": appid, "owner": owner, "key": {"$gt": after}})
-            .sort("key", 1)
-            .limit(limit)
-            .to_list()
-        )
-        contiguous: list[Document] = []
-        expected = after + 1
-        for doc in docs:
-            if doc["key"] != expected:
-                break
-            contiguous.append(doc)
-            expected += 1
-        return contiguous
+    async def last_key(self, appid: int, owner: str) -> int:
+        """The inbox's last committed key (0: empty): from what this process knows or the
+        hint, then forward by ``_id`` to the first free key (usually one read)."""
+        inbox = f"{appid}:{owner}"
+        key = self._next.get(inbox)
+        if key is None:
+            key = await self._hint(inbox) + 1
+        while await self.entries.find_one({"_id": entry_id(appid, owner, key)}, {"_id": 1}):
+            key += 1
+        self._remember(inbox, key)
+        return key - 1
 
-    async def latest(
-        self, appid: int, owner: str, cmds: Sequence[int], limit: int
-    ) -> list[Document]:
-        """The newest ``limit`` entries of the given kinds, oldest first."""
-        docs = (
-            await self.entries.find({"appid": appid, "owner": owner, "cmd": {"$in": list(cmds)}})
-            .sort("key", -1)
-            .limit(limit)
-            .to_list()
-        )
-        return docs[::-1]
+    async def page(self, appid: int, owner: str, after: int, limit: int) -> list[Entry]:
+        """Entries with key > ``after``, oldest first, up to ``limit``, stopping at a gap."""
+        last = await self.last_key(appid, owner)
+        if last <= after or limit <= 0:
+            return []
+        return await self._range(appid, owner, after + 1, min(after + limit, last), last)
+
+    async def latest(self, appid: int, owner: str, cmds: Sequence[int], limit: int) -> list[Entry]:
+        """The newest ``limit`` entries of the given kinds, oldest first: read a chunk at a
+        time from the last key down."""
+        last = await self.last_key(appid, owner)
+        wanted = set(cmds)
+        found: list[Entry] = []
+        hi = last
+        while hi > 0 and len(found) < limit:
+            # Enough keys for what is missing if they are all of the wanted kinds, in whole
+            # chunks (the one holding the last key may be partial).
+            lo = max(1, (hi - (limit - len(found))) // CHUNK * CHUNK + 1)
+            part = await self._range(appid, owner, lo, hi, last)
+            found.extend(e for e in reversed(part) if e.cmd in wanted)
+            hi = lo - 1
+        return found[:limit][::-1]
+
+    async def _range(self, appid: int, owner: str, lo: int, hi: int, last: int) -> list[Entry]:
+        """Entries ``lo`` .. ``hi`` (all committed: ``hi <= last``), stopping at a missing
+        one: whole chunks where the chunk is complete, else the open chunk's entries this
+        process stored (entries never change, so what it holds is what is stored), else
+        single entries."""
+        inbox = f"{appid}:{owner}"
+        reads: list[Any] = []
+        for n in range((lo - 1) // CHUNK, (hi - 1) // CHUNK + 1):
+            first, end = n * CHUNK + 1, (n + 1) * CHUNK
+            if end <= last:
+                reads.append(self._chunk(appid, owner, n))
+                continue
+            run = self._open.get(inbox, [])
+            held = [Entry.from_doc(appid, owner, d) for d in run if run[0]["key"] == first]
+            reads.append(_ready(held))
+            after = held[-1].key if held else first - 1
+            reads.extend(self._entry(appid, owner, k) for k in range(max(after + 1, lo), hi + 1))
+        parts = await asyncio.gather(*reads)
+        out: list[Entry] = []
+        expected = lo
+        for part in parts:
+            for entry in part if isinstance(part, list) else [part]:
+                if entry is None or entry.key > hi:
+                    return out
+                if entry.key < expected:
+                    continue
+                if entry.key != expected:
+                    return out
+                out.append(entry)
+                expected += 1
+        return out
+
+    async def _entry(self, appid: int, owner: str, key: int) -> Entry | None:
+        doc = await self._by_id(self.entries, entry_id(appid, owner, key))
+        return Entry.from_doc(appid, owner, doc) if doc else None
+
+    async def _chunk(self, appid: int, owner: str, n: int) -> list[Entry | None]:
+        """The 32 entries of chunk ``n`` (all committed): from this process's recent chunks,
+        else its copy, made now if missing."""
+        chunk_id = f"{appid}:{owner}:{n}"
+        kept = self._recent.get(chunk_id)
+        if kept is None:
+            doc = await self._by_id(self.chunks, chunk_id)
+            if doc is not None:
+                kept = doc["entries"]
+        if kept is None:
+            keys = range(n * CHUNK + 1, (n + 1) * CHUNK + 1)
+            docs = await asyncio.gather(
+                *(self._by_id(self.entries, entry_id(appid, owner, k)) for k in keys)
+            )
+            if any(d is None for d in docs):
+                return [Entry.from_doc(appid, owner, d) if d else None for d in docs]
+            kept = [
+                {k: v for k, v in d.items() if k not in ("_id", "appid", "owner")}
+                for d in docs
+                if d
+            ]
+            with contextlib.suppress(DuplicateKeyError):  # another reader made it: the same
+                await self.chunks.insert_one({"_id": chunk_id, "entries": kept})
+        self._keep_chunk(chunk_id, kept)
+        return [Entry.from_doc(appid, owner, e) for e in kept]
+
+    def _keep_chunk(self, chunk_id: str, entries: list[Document]) -> None:
+        self._recent[chunk_id] = entries
+        self._recent.move_to_end(chunk_id)
+        while len(self._recent) > RECENT_CHUNKS:
+            self._recent.popitem(last=False)
+
+    async def sync_key(self, appid: int, owner: str) -> int:
+        doc = await self.sync_keys.find_one({"_id": f"{appid}:{owner}"}, {"key": 1})
+        return int(doc.get("key", 0)) if doc else 0
 
     async def count_after_sync_key(self, appid: int, owner: str) -> int:
-        counter = await self.counters.find_one({"_id": f"{appid}:{owner}"}, {"sync_key": 1})
-        sync_key = int(counter.get("sync_key", 0)) if counter else 0
-        return await self.entries.count_documents(
-            {"appid": appid, "owner": owner, "key": {"$gt": sync_key}}
+        """Keys are dense: the entries after the acknowledged key are the last key minus it."""
+        sync_key, last = await asyncio.gather(
+            self.sync_key(appid, owner), self.last_key(appid, owner)
         )
+        return max(0, last - sync_key)
 
     async def set_sync_key(self, appid: int, owner: str, key: int) -> None:
-        """Monotonic: a smaller key than the stored one changes nothing (wire protocol §6.4)."""
-        await self.counters.update_one(
-            {"_id": f"{appid}:{owner}"}, {"$max": {"sync_key": key}}, upsert=True
-        )
+        """Monotonic: a smaller key than the stored one changes nothing (wire protocol §6.4).
+        The acknowledgements of one inbox take turns within this process."""
+        inbox = f"{appid}:{owner}"
+        async with self._lock(f"{inbox}:sync"):
+            await self._raise_sync_key(inbox, key)
+
+    async def _raise_sync_key(self, inbox: str, key: int) -> None:
+        for _ in range(3):
+            try:
+                await self.sync_keys.update_one({"_id": inbox}, {"$max": {"key": key}}, upsert=True)
+                return
+            except DuplicateKeyError:
+                continue  # two first acknowledgements raced to create it: now an update
 
     # ---- accepted messages ----
 
-    async def insert_post(self, post: Document) -> Document | None:
-        """Record an accepted message; returns the existing post if ``_id`` is taken."""
+    async def insert_pending(self, post: Post) -> Post | None:
+        """Record a message in flight; returns the pending post already there under its id."""
         try:
-            await self.posts.insert_one(post)
+            await self.pending.insert_one(post.doc())
             return None
         except DuplicateKeyError:
-            return await self.posts.find_one({"_id": post["_id"]})
+            doc = await self.pending.find_one({"_id": post.id})
+            return Post.from_doc(doc) if doc else None
 
-    async def finish_post(self, post_id: str, keys: dict[str, int]) -> None:
-        """Mark a post done: stored everywhere and announced."""
-        await self.posts.update_one(
-            {"_id": post_id, "state": "pending"}, {"$set": {"state": "done", "keys": keys}}
-        )
+    async def done_post(self, post_id: str) -> Post | None:
+        """The post if it is done (stored everywhere and announced)."""
+        doc = await self.posts.find_one({"_id": post_id})
+        if doc is None or doc.get("state") != "done":
+            return None
+        return Post.from_doc(doc)
 
-    async def pending_posts(self, older_than: datetime) -> list[Document]:
-        return (
-            await self.posts.find({"state": "pending", "created_at": {"$lt": older_than}})
-            .sort("created_at", 1)
-            .limit(1000)
+    async def finish(self, post: Post, *, now: bool = False) -> None:
+        """Record ``post`` as done and take it off the pending list: in the next background
+        batch, or ``now``."""
+        post.state = "done"
+        doc = post.doc()
+        doc.pop("plan", None)
+        if now:
+            await self._write_finished({post.id: doc})
+            return
+        self._finished[post.id] = doc
+        self._schedule()
+
+    def finishing(self, post_id: str) -> bool:
+        return post_id in self._finished
+
+    async def pending_posts(self, older_than: datetime) -> list[Post]:
+        """Posts in flight for longer than the grace period (a small collection)."""
+        docs = (
+            await self.pending.find({"created_at": {"$lt": older_than}})
+            .limit(PENDING_BATCH)
             .to_list()
         )
+        return sorted((Post.from_doc(d) for d in docs), key=lambda p: p.created_at)
 
-    async def get_post(self, post_id: str) -> Document | None:
-        return await self.posts.find_one({"_id": post_id})
+    # ---- background batches ----
+
+    def _schedule(self) -> None:
+        if self._flusher is None or self._flusher.done():
+            # A context of its own: these commands belong to no request.
+            self._flusher = asyncio.get_running_loop().create_task(
+                self._flush_soon(), name="messages-flush", context=contextvars.Context()
+            )
+
+    async def _flush_soon(self) -> None:
+        while self._hints or self._finished or self._sealed:
+            await asyncio.sleep(FLUSH_INTERVAL)
+            try:
+                await self.flush()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # hints are hints; an unfinished post is recovered
+                log.warning("messages background write failed", error=repr(exc))
+
+    async def flush(self) -> None:
+        """Write what the background owes now: finished posts, chunk copies, hints."""
+        finished, self._finished = self._finished, {}
+        hints, self._hints = self._hints, {}
+        sealed, self._sealed = self._sealed, {}
+        if finished:
+            await self._write_finished(finished)
+        if sealed:
+            with contextlib.suppress(BulkWriteError):  # a reader made some copies first
+                await self.chunks.insert_many(list(sealed.values()), ordered=False)
+        items = list(hints.items())
+        for start in range(0, len(items), WRITE_BATCH):
+            await self._raise_hints(items[start : start + WRITE_BATCH])
+
+    async def close(self) -> None:
+        """Write what is owed and stop the background task."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._flusher
+        with contextlib.suppress(Exception):
+            await self.flush()
+
+    async def _write_finished(self, finished: dict[str, Document]) -> None:
+        # The log first, then the pending list: a post is never in neither.
+        docs = list(finished.values())
+        try:
+            await self.posts.insert_many(docs, ordered=False)
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            if any(e.get("code") != DUPLICATE_KEY for e in errors):
+                raise
+            for error in errors:  # logged before (a replay) or by an older version: replace
+                doc = docs[error["index"]]
+                await self.posts.replace_one({"_id": doc["_id"]}, doc)
+        ids = list(finished)
+        for start in range(0, len(ids), WRITE_BATCH):
+            await self.pending.bulk_write(
+                [DeleteOne({"_id": i}) for i in ids[start : start + WRITE_BATCH]], ordered=False
+            )
+
+    async def _raise_hints(self, items: list[tuple[str, int]]) -> None:
+        batch = [
+            UpdateOne({"_id": inbox}, {"$max": {"seq": key}}, upsert=True) for inbox, key in items
+        ]
+        for _ in range(3):
+            if not batch:
+                return
+            try:
+                await self.counters.bulk_write(batch, ordered=False)
+                return
+            except BulkWriteError as exc:
+                # Two first raises of one hint raced to create it: retry those (now updates).
+                errors = exc.details.get("writeErrors", [])
+                if any(e.get("code") != DUPLICATE_KEY for e in errors):
+                    raise
+                batch = [batch[e["index"]] for e in errors]
+
+    # ---- the previous schema ----
+
+    async def migrate(self) -> None:
+        """Bring data the previous version wrote to this one's shapes, once (idempotent, and
+        harmless when several replicas start together): its pending posts (kept in
+        ``messages_posts`` with ``state: pending``) join the pending list, and its
+        acknowledged sync keys (kept in the counters) move to ``messages_sync_keys``. These
+        two reads scan their collections: they run once per database, at startup."""
+        # Each collection exists before traffic: FerretDB creates one on its first write, and
+        # many first writes at once (e.g. the chunks of a first history read) stall it.
+        existing = set(await self.counters.database.list_collection_names())
+        for name in INDEXES:
+            if name not in existing:
+                with contextlib.suppress(CollectionInvalid):
+                    await self.counters.database.create_collection(name)
+        marker = await self.counters.find_one({"_id": SCHEMA_ID})
+        if marker is not None and int(marker.get("version", 0)) >= SCHEMA_VERSION:
+            return
+        moved = 0
+        async for doc in self.posts.find({"state": "pending"}):
+            with contextlib.suppress(DuplicateKeyError):
+                await self.pending.insert_one(doc)
+                moved += 1
+        synced = 0
+        async for doc in self.counters.find({"sync_key": {"$gt": 0}}, {"sync_key": 1}):
+            await self._raise_sync_key(str(doc["_id"]), int(doc["sync_key"]))
+            synced += 1
+        with contextlib.suppress(DuplicateKeyError):
+            await self.counters.update_one(
+                {"_id": SCHEMA_ID}, {"$set": {"version": SCHEMA_VERSION}}, upsert=True
+            )
+        log.info("messages storage migrated", pending_posts=moved, sync_keys=synced)
+
+
+async def _ready(entries: list[Entry]) -> list[Entry]:
+    return entries
 
 
 def keys_of(keys: dict[str, int], prefix: str = "u:") -> list[dict[str, Any]]:
