@@ -113,7 +113,9 @@ async def _print_welcome(settings: Settings) -> None:
     try:
         db = client[settings.mongo_db]
         await ensure_indexes(db, AUTH_INDEXES)
-        auth = AuthDomain(AuthRepository(db), None, settings)
+        repo = AuthRepository(db)
+        await repo.migrate()
+        auth = AuthDomain(repo, None, settings)
         apps = await auth.list_apps()
         created = not apps
         if created:
@@ -307,7 +309,9 @@ async def _with_auth(settings: Settings, action: str, name: str | None) -> Any:
     try:
         db = client[settings.mongo_db]
         await ensure_indexes(db, AUTH_INDEXES)
-        auth = AuthDomain(AuthRepository(db), None, settings)
+        repo = AuthRepository(db)
+        await repo.migrate()
+        auth = AuthDomain(repo, None, settings)
         if action == "create":
             return await auth.create_app(name or "")
         return await auth.list_apps()
