@@ -23,8 +23,8 @@ from parley.servers import ServerError, start_ferretdb
 from services.auth.domain import AuthDomain
 from services.auth.repository import INDEXES as AUTH_INDEXES
 from services.auth.repository import AuthRepository
-from services.customer.domain import INDEXES as CUSTOMER_INDEXES
 from services.customer.domain import CustomerDomain
+from services.customer.repository import INDEXES as CUSTOMER_INDEXES
 from shared.errors import ParleyError
 from shared.gateway import render_ingress, render_nginx
 from shared.logs import configure_logging
@@ -349,9 +349,12 @@ async def _store_action(settings: Settings, args: argparse.Namespace) -> dict[st
         db = client[settings.mongo_db]
         await ensure_indexes(db, CUSTOMER_INDEXES)
         customer = CustomerDomain(db, None, settings, None)
+        await customer.repo.migrate()
         if args.action == "create":
             await ensure_indexes(db, AUTH_INDEXES)
-            if await AuthRepository(db).get_app(args.app) is None:
+            auth = AuthRepository(db)
+            await auth.migrate()
+            if await auth.get_app(args.app) is None:
                 raise ParleyError(f"no app {args.app}")
             return {"store_id": await customer.create_store(args.app, args.name)}
         return {"seller_id": await customer.add_agent(args.store, args.name)}
