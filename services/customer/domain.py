@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
+import structlog
+
 from shared.bus import Bus
 from shared.errors import APP_NO_CUSTOMER, STORE_NO_SUPPORTER, ParleyError
 from shared.events import AgentPresence, CustomerRegistered, Event, SupporterAssigned, utcnow
@@ -23,6 +25,10 @@ from shared.revlog import Conflict, Versioned
 from shared.settings import Settings
 
 from .repository import Agent, CustomerRepository, Store, Visitor, to_store, visitor_key
+
+log = structlog.get_logger("parley.customer")
+
+TOKEN_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -148,13 +154,26 @@ class CustomerDomain:
         visitor = await self._visitor_for(appid, customer_id, store_id, rid)
         for _ in range(10):
             try:
-                token = await self.tokens.customer_token(appid, visitor.client_id, name, avatar)
+                token = await self._customer_token(appid, visitor.client_id, name, avatar)
             except UidTaken:
                 # The number is an app user's uid: move this visitor to a fresh id.
                 visitor = await self._move(visitor, await self.repo.next_client_id(appid), rid)
                 continue
             return Registration(token, store_id, visitor.client_id)
         raise ParleyError("no client id available", status=503)
+
+    async def _customer_token(self, appid: int, uid: int, name: str, avatar: str) -> str:
+        """The visitor's token from the auth service, asked again when the call failed (it is
+        idempotent: the same uid always gets the same token)."""
+        assert self.tokens is not None
+        for attempt in range(TOKEN_ATTEMPTS):
+            try:
+                return await self.tokens.customer_token(appid, uid, name, avatar)
+            except ParleyError as exc:
+                if exc.status != 503 or attempt == TOKEN_ATTEMPTS - 1:
+                    raise
+                log.warning("customer token call failed; asking again", uid=uid, error=exc.message)
+        raise AssertionError("unreachable")
 
     async def _visitor_for(
         self, appid: int, customer_id: str | None, store_id: int, rid: str
