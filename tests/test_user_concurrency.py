@@ -92,9 +92,14 @@ async def test_concurrent_changes_of_one_user_lose_nothing(any_stack: Stack) -> 
         assert {r["data"]["token"] for _, r in answers[: len(names)]} == {token}
         expected = len(names) + len(peers) + len(mutes)
         await events.wait_for(expected, timeout=30)
-        # The relay may publish a change again (consumers deduplicate by event id).
-        received = list({e.event_id: e for e in await events.settle()}.values())
-        assert len(received) == expected
+        # The relay may publish a change again, the earlier ``forbidden`` one included
+        # (consumers deduplicate by event id).
+        received = [
+            e
+            for e in {e.event_id: e for e in await events.settle()}.values()
+            if not (isinstance(e, UserSettingsChanged) and e.forbidden is not None)
+        ]
+        assert len(received) == expected, [e.model_dump(mode="json") for e in received]
     granted = [e for e in received if isinstance(e, TokenGranted)]
     changed = [e for e in received if isinstance(e, UserSettingsChanged)]
     assert sorted(e.user_name for e in granted) == sorted(names)
@@ -141,7 +146,8 @@ async def test_concurrent_registrations_get_distinct_client_ids(any_stack: Stack
         await asyncio.gather(*(client() for _ in range(CLIENTS)))
         await events.wait_for(REGISTRATIONS, timeout=60)
         registered = list({e.event_id: e for e in await events.settle()}.values())
-    assert [status for status, _ in answers] == [200] * REGISTRATIONS
+    refused = [(status, reply) for status, reply in answers if status != 200]
+    assert not refused, refused
     client_ids = [reply["data"]["client_id"] for _, reply in answers]
     assert len(set(client_ids)) == REGISTRATIONS
     assert len({reply["data"]["token"] for _, reply in answers}) == REGISTRATIONS
