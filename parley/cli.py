@@ -24,10 +24,10 @@ from parley.deploy import render_compose_nginx, render_k8s
 from parley.embedded import EmbeddedStore
 from parley.servers import ServerError, private_dir, start_ferretdb
 from services.auth.domain import AuthDomain
-from services.auth.repository import APPS, AuthRepository
 from services.auth.repository import INDEXES as AUTH_INDEXES
-from services.customer.domain import INDEXES as CUSTOMER_INDEXES
+from services.auth.repository import AuthRepository
 from services.customer.domain import CustomerDomain
+from services.customer.repository import INDEXES as CUSTOMER_INDEXES
 from shared.errors import ParleyError, store_unavailable
 from shared.gateway import render_ingress, render_nginx
 from shared.logs import configure_logging
@@ -143,7 +143,9 @@ async def _print_welcome(settings: Settings) -> None:
     try:
         db = client[settings.mongo_db]
         await ensure_indexes(db, AUTH_INDEXES)
-        auth = AuthDomain(AuthRepository(db), None, settings)
+        repo = AuthRepository(db)
+        await repo.migrate()
+        auth = AuthDomain(repo, None, settings)
         apps = await auth.list_apps()
         created = not apps
         if created:
@@ -389,9 +391,10 @@ async def remove_app(settings: Settings, appid: int) -> None:
     client = make_client(settings.mongo_url, timeout=MANAGEMENT_TIMEOUT * 10)
     try:
         db = client[settings.mongo_db]
+        # Documents name their app in an ``appid`` field or first in their ``_id``.
+        mine = {"$or": [{"appid": appid}, {"_id": {"$regex": f"^{appid}[:#]"}}]}
         for name in await db.list_collection_names():
-            await db[name].delete_many({"appid": appid})
-        await db[APPS].delete_one({"_id": appid})
+            await db[name].delete_many(mine)
     finally:
         await client.close()
 
@@ -443,7 +446,9 @@ async def _with_auth(settings: Settings, action: str, name: str | None) -> Any:
     try:
         db = client[settings.mongo_db]
         await ensure_indexes(db, AUTH_INDEXES)
-        auth = AuthDomain(AuthRepository(db), None, settings)
+        repo = AuthRepository(db)
+        await repo.migrate()
+        auth = AuthDomain(repo, None, settings)
         if action == "create":
             return await auth.create_app(name or "")
         return await auth.list_apps()
@@ -486,9 +491,12 @@ async def _store_action(settings: Settings, args: argparse.Namespace) -> dict[st
         db = client[settings.mongo_db]
         await ensure_indexes(db, CUSTOMER_INDEXES)
         customer = CustomerDomain(db, None, settings, None)
+        await customer.repo.migrate()
         if args.action == "create":
             await ensure_indexes(db, AUTH_INDEXES)
-            if await AuthRepository(db).get_app(args.app) is None:
+            auth = AuthRepository(db)
+            await auth.migrate()
+            if await auth.get_app(args.app) is None:
                 raise ParleyError(f"no app {args.app}")
             return {"store_id": await customer.create_store(args.app, args.name)}
         return {"seller_id": await customer.add_agent(args.store, args.name)}

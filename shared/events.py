@@ -83,8 +83,8 @@ def event_types() -> dict[tuple[str, int], type[Event]]:
 
 class TokenGranted(Event):
     """``POST /auth/grant`` answered: (appid, uid) holds a permanent token; ``user_name`` is
-    now the user's stored name. Sent on every grant, first or repeated; the token itself is
-    never put on the bus."""
+    now the user's stored name. Sent when a grant creates the token or changes the name (a
+    re-grant that changes nothing sends nothing); the token itself is never put on the bus."""
 
     routing_key: ClassVar[str] = "token.granted"
     version: Literal[1] = 1

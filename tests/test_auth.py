@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from services.auth.repository import AuthRepository, User
 from shared.events import TokenGranted, UserSettingsChanged
 
 from .conftest import App, Stack, basic, md5_hex
@@ -28,8 +29,12 @@ async def grant(stack: Stack, app: App, body: Any, **kw: Any) -> tuple[int, Any]
     return status, payload
 
 
-async def user_doc(stack: Stack, appid: int, uid: int) -> dict[str, Any] | None:
-    return await stack.db["auth_users"].find_one({"appid": appid, "uid": uid})
+async def user_doc(stack: Stack, appid: int, uid: int) -> User | None:
+    return await AuthRepository(stack.db).user(appid, uid)
+
+
+async def uids(stack: Stack, appid: int) -> list[int]:
+    return await AuthRepository(stack.db).uids(appid)
 
 
 # ---- S1: grant ----------------------------------------------------------------------------
@@ -58,8 +63,8 @@ async def test_grant_returns_a_permanent_token_and_publishes(stack: Stack) -> No
 
     doc = await user_doc(stack, app.appid, 13635273143)
     assert doc is not None
-    assert doc["token"] == token and doc["name"] == ""  # a grant without user_name stores ""
-    assert doc["outbox_n"] == 0 and doc["outbox"] == {}
+    assert doc.token == token and doc.name == ""  # a grant without user_name stores ""
+    assert await AuthRepository(stack.db).unannounced(app.appid, 13635273143) == []
 
 
 async def test_grant_ignores_content_type_and_extra_fields(stack: Stack) -> None:
@@ -150,7 +155,7 @@ async def test_grant_refuses_bad_bodies_and_changes_nothing(
         )
         assert (status, body) == (400, expected)
         assert await events.settle(0.3) == []
-    assert await stack.db["auth_users"].count_documents({"appid": app.appid}) == 0
+    assert await uids(stack, app.appid) == []
 
 
 async def test_concurrent_first_grants_return_one_token(stack: Stack) -> None:
@@ -160,8 +165,8 @@ async def test_concurrent_first_grants_return_one_token(stack: Stack) -> None:
     tokens = {body["data"]["token"] for _, body in results}
     assert len(tokens) == 1
     doc = await user_doc(stack, app.appid, 42)
-    assert doc is not None and doc["token"] in tokens
-    assert await stack.db["auth_users"].count_documents({"appid": app.appid}) == 1
+    assert doc is not None and doc.token in tokens
+    assert await uids(stack, app.appid) == [42]
 
 
 # ---- S2: user settings --------------------------------------------------------------------
@@ -179,12 +184,12 @@ async def test_each_setting_alone(stack: Stack, method: str) -> None:
         ({"mute": False}, {"mute": False, "notification_on": True}, {"mute": False}),
         (
             {"do_not_disturb": {"peer_uid": 9, "on": True}},
-            {"dnd_peers": {"9": True}},
+            {"dnd_peers": {9}},
             {"do_not_disturb": {"peer_uid": 9, "on": True}},
         ),
         (
             {"do_not_disturb": {"peer_uid": "9", "on": 0}},
-            {"dnd_peers": {}},
+            {"dnd_peers": set()},
             {"do_not_disturb": {"peer_uid": 9, "on": False}},
         ),
     ]
@@ -198,7 +203,7 @@ async def test_each_setting_alone(stack: Stack, method: str) -> None:
             doc = await user_doc(stack, app.appid, uid)
             assert doc is not None
             for key, value in stored.items():
-                assert doc.get(key) == value, (body, key)
+                assert getattr(doc, key) == value, (body, key)
             received = await events.wait_for(n)
             event = received[-1]
             assert isinstance(event, UserSettingsChanged)
@@ -214,7 +219,7 @@ async def test_settings_apply_every_known_key_in_one_request(stack: Stack) -> No
     assert status == 200
     doc = await user_doc(stack, app.appid, 5)
     assert doc is not None
-    assert (doc["name"], doc["mute"], doc["dnd_peers"]) == ("Carol", True, {"3": True})
+    assert (doc.name, doc.mute, doc.dnd_peers) == ("Carol", True, frozenset({3}))
 
 
 async def test_settings_keep_the_token_and_name_from_grant(stack: Stack) -> None:
@@ -223,7 +228,7 @@ async def test_settings_keep_the_token_and_name_from_grant(stack: Stack) -> None
     await stack.request("POST", "/users/8", json={"mute": True}, headers=app.server_auth)
     doc = await user_doc(stack, app.appid, 8)
     assert doc is not None
-    assert (doc["token"], doc["name"]) == (granted["data"]["token"], "dave")
+    assert (doc.token, doc.name) == (granted["data"]["token"], "dave")
     _, again = await grant(stack, app, {"uid": 8, "user_name": "dave"})
     assert again == granted
 
@@ -321,5 +326,5 @@ async def test_apps_cannot_reach_each_others_users(stack: Stack) -> None:
     a_doc = await user_doc(stack, a.appid, 100)
     b_doc = await user_doc(stack, b.appid, 100)
     assert a_doc is not None and b_doc is not None
-    assert (a_doc["name"], a_doc["token"]) == ("a-user", a_grant["data"]["token"])
-    assert (b_doc["name"], b_doc["token"]) == ("renamed-by-b", b_grant["data"]["token"])
+    assert (a_doc.name, a_doc.token) == ("a-user", a_grant["data"]["token"])
+    assert (b_doc.name, b_doc.token) == ("renamed-by-b", b_grant["data"]["token"])

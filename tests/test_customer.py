@@ -10,6 +10,7 @@ from typing import Any
 
 import aiohttp
 
+from services.auth.repository import AuthRepository
 from services.customer.domain import CustomerDomain
 from services.messages.domain import MessagesDomain
 from services.messages.repository import MessagesRepository
@@ -62,8 +63,8 @@ async def test_register_a_visitor(stack: Stack) -> None:
     # The same customer id: the same client id and token; name and avatar are replaced.
     status, again = await register(stack, app, {"appid": str(app.appid), "customer_id": "c-1"})
     assert again == reply
-    user = await stack.db["auth_users"].find_one({"appid": app.appid, "uid": data["client_id"]})
-    assert user is not None and (user["name"], user["avatar"], user["customer"]) == ("", "", True)
+    user = await AuthRepository(stack.db).user(app.appid, data["client_id"])
+    assert user is not None and (user.name, user.avatar, user.customer) == ("", "", True)
     # An integer customer id is its decimal string.
     _, seven = await register(stack, app, {"appid": app.appid, "customer_id": 7})
     _, seven_again = await register(stack, app, {"appid": app.appid, "customer_id": "7"})
@@ -108,7 +109,10 @@ async def test_register_refusals(stack: Stack) -> None:
         "POST", "/customer/register", data=b"{", headers=app_key(app)
     )
     assert (status, reply) == (400, {"meta": {"code": 400, "message": "json decode error"}})
-    assert await stack.db["customer_clients"].count_documents({"appid": app.appid}) == 0
+    assert (
+        await CustomerDomain(stack.db, None, stack.settings, None).repo.visitor_count(app.appid)
+        == 0
+    )
 
 
 async def test_auth_customer_without_and_with_credentials(stack: Stack) -> None:
@@ -189,13 +193,13 @@ async def test_choosing_an_agent(stack: Stack) -> None:
         await stack.bus.publish_event(
             AgentPresence(appid=app.appid, seller_id=seller, status=state)
         )
+    desk_repo = CustomerDomain(stack.db, None, stack.settings, None).repo
     async with asyncio.timeout(10):
-        while (
-            await stack.db["customer_agents"].count_documents(
-                {"_id": {"$in": [bob, cid]}, "status": "online"}
-            )
-            < 2
-        ):
+        while True:
+            store = await desk_repo.store(store_id)
+            assert store is not None
+            if {a.seller_id for a in store.agents if a.status == "online"} >= {bob, cid}:
+                break
             await asyncio.sleep(0.05)
     status, reply = await supporter(stack, token, f"store={store_id}")  # `store` is an alias
     assert reply["data"]["seller_id"] == ann  # still the previous agent, though offline

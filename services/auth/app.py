@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Literal
 
+import structlog
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict
 
@@ -36,6 +37,7 @@ from .domain import AuthDomain, LocalTokenIssuer, LocalVerifier, SettingsChange
 from .repository import INDEXES, AuthRepository
 
 SERVICE = "auth"
+log = structlog.get_logger("parley.auth")
 AUTH = web.AppKey("auth_domain", AuthDomain)
 # Refused app-secret checks on /internal/verify, per caller address.
 VERIFY_REFUSALS = web.AppKey("verify_refusals", TokenBuckets)
@@ -192,7 +194,11 @@ def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
     app[VERIFY_REFUSALS] = TokenBuckets(settings.verify_refusal_burst, settings.verify_refusal_rate)
 
     async def domain_ctx(app: web.Application) -> AsyncIterator[None]:
-        auth = AuthDomain(AuthRepository(app[DB]), app[BUS], app[SETTINGS])
+        repo = AuthRepository(app[DB])
+        migrated = await repo.migrate()
+        if migrated:
+            log.info("apps and users rewritten as logs from the previous shape", **migrated)
+        auth = AuthDomain(repo, app[BUS], app[SETTINGS])
         app[AUTH] = auth
         local = LocalVerifier(auth)
         app[VERIFIER] = CachingVerifier(local, app[SETTINGS].auth_cache_ttl)
@@ -207,7 +213,7 @@ def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
             database_ctx(deps, INDEXES),
             bus_ctx(deps, SERVICE),
             domain_ctx,
-            outbox_ctx(lambda db: AuthRepository(db).outbox_collections()),
+            outbox_ctx(lambda db: (), lambda app: app[AUTH].repo.revlogs()),
         ]
     )
     return app

@@ -1,7 +1,8 @@
 """The auth domain: apps, permanent tokens and user settings. No HTTP here.
 
-Every write goes through one function that also records its event (in the same document
-write, see ``shared/outbox.py``) and then delivers it.
+Every change is one revision of the app's or the user's log (``repository.py``), computed on
+the state it follows and carrying its events, which are published right after (or by the
+relay, should that fail).
 """
 
 from __future__ import annotations
@@ -10,17 +11,19 @@ import hashlib
 import hmac
 import secrets
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from shared.auth import TokenOwner, Verifier
 from shared.bus import Bus
 from shared.errors import INVALID_APPID, INVALID_IP, InvalidParam, InvalidToken, ParleyError
-from shared.events import AppCreated, DoNotDisturb, TokenGranted, UserSettingsChanged, utcnow
+from shared.events import AppCreated, DoNotDisturb, Event, TokenGranted, UserSettingsChanged
 from shared.internal import TokenIssuer, UidTaken
-from shared.outbox import deliver
+from shared.mongo import Document
+from shared.revlog import Conflict, Versioned
 from shared.settings import Settings
 
-from .repository import AuthRepository, user_key
+from .repository import AppRecord, AuthRepository, Compute
 
 TOKEN_ALPHABET = string.ascii_letters + string.digits
 TOKEN_LENGTH = 30
@@ -70,25 +73,13 @@ class AuthDomain:
         creds = AppCredentials(
             appid, name, new_token(APP_CREDENTIAL_LENGTH), new_token(APP_CREDENTIAL_LENGTH)
         )
-        event = AppCreated(appid=appid, name=name)
-        await self.repo.insert_app(
-            {
-                "_id": appid,
-                "name": name,
-                "key": creds.key,
-                "secret": creds.secret,
-                "store_id": 0,
-                "created_at": utcnow(),
-            },
-            [event],
-        )
-        await deliver(self.repo.apps, appid, [event], self.bus)
+        record = AppRecord(appid=appid, name=name, key=creds.key, secret=creds.secret)
+        await self.repo.create_app(record, [AppCreated(appid=appid, name=name)], self.bus)
         return creds
 
     async def list_apps(self) -> list[AppCredentials]:
         return [
-            AppCredentials(int(d["_id"]), d.get("name", ""), d["key"], d["secret"])
-            for d in await self.repo.list_apps()
+            AppCredentials(a.appid, a.name, a.key, a.secret) for a in await self.repo.list_apps()
         ]
 
     # ---- credentials ----
@@ -96,7 +87,7 @@ class AuthDomain:
     async def verify_server(self, appid: int, secret_md5: str, client_ip: str | None) -> None:
         app = await self.repo.get_app(appid)
         if app is None or not hmac.compare_digest(
-            md5_hex(app["secret"]).encode(), secret_md5.lower().encode()
+            md5_hex(app.secret).encode(), secret_md5.lower().encode()
         ):
             raise ParleyError(INVALID_APPID)
         allowed = self.settings.ip_permissions.get(appid)
@@ -105,84 +96,126 @@ class AuthDomain:
 
     async def verify_app_key(self, appid: int, key: str) -> None:
         app = await self.repo.get_app(appid)
-        if app is None or not hmac.compare_digest(
-            app["key"].lower().encode(), key.lower().encode()
-        ):
+        if app is None or not hmac.compare_digest(app.key.lower().encode(), key.lower().encode()):
             raise ParleyError(INVALID_APPID)
 
     async def resolve_token(self, token: str) -> TokenOwner:
-        doc = await self.repo.find_token(token)
-        if doc is None:
+        owner = await self.repo.owner_of(token)
+        if owner is None:
             raise InvalidToken()
-        return TokenOwner(appid=int(doc["appid"]), uid=int(doc["uid"]))
+        return owner
 
     # ---- users ----
 
+    async def _token_change(
+        self, appid: int, uid: int, compute: Compute, minted: str, request_id: str
+    ) -> str:
+        """Run a change that gives the user a token if it has none, and return the token.
+
+        Concurrent first grants race on the user's first revision: one insert wins and the
+        others recompute on the winner's state and return its token. The token resolves once
+        the winner records it; a loser that returns it first records it too (idempotent), so
+        every token handed out resolves."""
+        raced = False
+
+        def tracked(current: Versioned) -> tuple[Document, Sequence[Event]] | None:
+            nonlocal raced
+            raced = raced or not (current.state or {}).get("token")
+            return compute(current)
+
+        user, _ = await self.repo.change_user(appid, uid, tracked, self.bus, request_id)
+        assert user is not None
+        assert user.token is not None
+        if raced and user.token != minted:
+            # Another request's token, possibly committed a moment ago: make sure it resolves.
+            await self.repo.ensure_token(user.token, appid, uid)
+        return user.token
+
     async def grant(self, appid: int, uid: int, user_name: str, request_id: str = "") -> str:
-        """S1: the user's permanent token (created on first grant); ``user_name`` is stored."""
-        event = TokenGranted(appid=appid, uid=uid, user_name=user_name)
+        """S1: the user's permanent token (created on first grant); ``user_name`` is stored.
+        A re-grant that changes nothing writes nothing and publishes nothing."""
+        minted = new_token()
+
+        def compute(current: Versioned) -> tuple[Document, list[Event]] | None:
+            state = current.state or {}
+            if state.get("customer"):
+                raise UidTaken(uid)
+            event = TokenGranted(appid=appid, uid=uid, user_name=user_name)
+            if not state.get("token"):
+                return {"f": {"token": minted, "name": user_name}}, [event]
+            if state.get("name") == user_name:
+                return None
+            return {"f": {"name": user_name}}, [event]
+
         try:
-            token = await self.repo.set_token_name(
-                appid, uid, new_token(), user_name, [event], request_id
-            )
+            return await self._token_change(appid, uid, compute, minted, request_id)
         except UidTaken:
             # The uid is a customer-service visitor's client id: never hand out their token.
             raise InvalidParam() from None
-        await deliver(self.repo.users, user_key(appid, uid), [event], self.bus, request_id)
-        return token
+        except Conflict:
+            raise ParleyError("user busy, retry", status=503) from None
 
     async def change_settings(
         self, appid: int, uid: int, change: SettingsChange, request_id: str = ""
     ) -> None:
-        """S2: apply every recognised key present, in the spec's order, in one write."""
-        sets: dict[str, object] = {}
-        unsets: dict[str, str] = {}
+        """S2: apply every recognised key present, in the spec's order, in one revision."""
+        fields: dict[str, object] = {}
         if change.name is not None:
-            sets["name"] = change.name
+            fields["name"] = change.name
         if change.forbidden is not None:
-            sets["forbidden"] = change.forbidden
-        if change.do_not_disturb is not None:
-            field = f"dnd_peers.{change.do_not_disturb.peer_uid}"
-            if change.do_not_disturb.on:
-                sets[field] = True
-            else:
-                unsets[field] = ""
+            fields["forbidden"] = change.forbidden
         if change.mute is not None:
-            sets["mute"] = change.mute
+            fields["mute"] = change.mute
             # What a delivery server reads: desktop sessions suppress phone pushes unless on.
-            sets["notification_on"] = not change.mute
-        event = UserSettingsChanged(
-            appid=appid,
-            uid=uid,
-            name=change.name,
-            forbidden=change.forbidden,
-            do_not_disturb=change.do_not_disturb,
-            mute=change.mute,
-        )
-        update: dict[str, dict[str, object]] = {"$set": sets}
-        if unsets:
-            update["$unset"] = dict(unsets)
-        await self.repo.update_user(appid, uid, update, [event], request_id)
-        await deliver(self.repo.users, user_key(appid, uid), [event], self.bus, request_id)
+            fields["notification_on"] = not change.mute
+        delta: Document = {"f": fields}
+        if change.do_not_disturb is not None:
+            delta["dnd"] = {str(change.do_not_disturb.peer_uid): change.do_not_disturb.on}
+
+        def compute(current: Versioned) -> tuple[Document, list[Event]]:
+            event = UserSettingsChanged(
+                appid=appid,
+                uid=uid,
+                name=change.name,
+                forbidden=change.forbidden,
+                do_not_disturb=change.do_not_disturb,
+                mute=change.mute,
+            )
+            return delta, [event]
+
+        try:
+            await self.repo.change_user(appid, uid, compute, self.bus, request_id)
+        except Conflict:
+            raise ParleyError("user busy, retry", status=503) from None
 
     async def customer_token(
         self, appid: int, uid: int, name: str | None, avatar: str | None, request_id: str = ""
     ) -> str:
         """The permanent token of a customer-service visitor (for the customer service). A name
-        or avatar of None keeps the stored one (read just before: a concurrent change of the
-        same visitor may be overwritten with the value read)."""
-        if name is None or avatar is None:
-            stored = await self.repo.get_user(appid, uid) or {}
-            if not stored.get("customer"):
-                stored = {}
-            name = str(stored.get("name", "")) if name is None else name
-            avatar = str(stored.get("avatar", "")) if avatar is None else avatar
-        event = TokenGranted(appid=appid, uid=uid, user_name=name, customer=True)
-        token = await self.repo.customer_token(
-            appid, uid, new_token(), {"name": name, "avatar": avatar}, [event], request_id
-        )
-        await deliver(self.repo.users, user_key(appid, uid), [event], self.bus, request_id)
-        return token
+        or avatar of None keeps the stored one; a given one replaces it. A uid that is an
+        ordinary user is never turned into a customer (``UidTaken``)."""
+        minted = new_token()
+
+        def compute(current: Versioned) -> tuple[Document, list[Event]] | None:
+            state = current.state
+            if state is not None and not state.get("customer"):
+                raise UidTaken(uid)
+            stored = state or {}
+            profile = {
+                "name": str(stored.get("name", "")) if name is None else name,
+                "avatar": str(stored.get("avatar", "")) if avatar is None else avatar,
+            }
+            event = TokenGranted(appid=appid, uid=uid, user_name=profile["name"], customer=True)
+            if state is None:
+                return {"f": {"token": minted, "customer": True, **profile}}, [event]
+            if all(state.get(k, "") == v for k, v in profile.items()):
+                return None
+            return {"f": profile}, [event]
+
+        try:
+            return await self._token_change(appid, uid, compute, minted, request_id)
+        except Conflict:
+            raise ParleyError("user busy, retry", status=503) from None
 
 
 class LocalTokenIssuer(TokenIssuer):

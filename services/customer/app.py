@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
+import structlog
 from aiohttp import web
 from pydantic import BaseModel, BeforeValidator, ConfigDict
 
@@ -33,9 +34,11 @@ from shared.web import (
     verifier_ctx,
 )
 
-from .domain import INDEXES, CustomerDomain, LocalCustomerDirectory
+from .domain import CustomerDomain, LocalCustomerDirectory
+from .repository import INDEXES
 
 SERVICE = "customer"
+log = structlog.get_logger("parley.customer")
 CUSTOMER = web.AppKey("customer_domain", CustomerDomain)
 
 
@@ -215,6 +218,9 @@ def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
             settings.auth_url, settings.internal_secret
         )
         customer = CustomerDomain(app[DB], app[BUS], settings, tokens)
+        migrated = await customer.repo.migrate()
+        if migrated:
+            log.info("customer data rewritten as logs from the previous shape", **migrated)
         app[CUSTOMER] = customer
         if deps.customers is None:
             deps.customers = LocalCustomerDirectory(customer)
@@ -236,7 +242,7 @@ def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
             bus_ctx(deps, SERVICE),
             verifier_ctx(deps),
             domain_ctx,
-            outbox_ctx(lambda db: CustomerDomain(db, None, settings, None).outbox_collections()),
+            outbox_ctx(lambda db: (), lambda app: app[CUSTOMER].repo.revlogs()),
         ]
     )
     return app

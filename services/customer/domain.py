@@ -1,50 +1,34 @@
 """The customer-service desk: stores, agents (sellers), visitors' client ids, agent presence,
-and choosing an agent for a visitor (spec §7). Collections:
+and choosing an agent for a visitor (spec §7). Storage: ``repository.py``; every change is one
+revision of a store's, visitor's or assignment's log, computed on the state it follows.
 
-* ``customer_stores``: ``{_id: store_id, appid, name}``, at most one store per app;
-* ``customer_agents``: ``{_id: seller_id, store_id, appid, name, status, status_at}``;
-* ``customer_clients``: ``{_id: "<appid>:<customer_id>", client_id}`` (and one document per
-  anonymous visitor), the stable mapping from a host app's customer id to an IM uid;
-* ``customer_assignments``: ``{_id: "<appid>:<uid>", store_id, seller_id}``, the sticky agent;
-* ``customer_counters``: ids.
-
-Client ids are ``PARLEY_CUSTOMER_CLIENT_ID_BASE`` + a per-app counter, and the auth service
-refuses to make a customer of a uid that is an ordinary user, so a visitor never receives an
-app user's token and ``/auth/grant`` never returns a visitor's.
+Client ids are ``PARLEY_CUSTOMER_CLIENT_ID_BASE`` + a per-app number from id blocks, and the
+auth service refuses to make a customer of a uid that is an ordinary user, so a visitor never
+receives an app user's token and ``/auth/grant`` never returns a visitor's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import random
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from pymongo import IndexModel
-from pymongo.errors import DuplicateKeyError
+import structlog
 
 from shared.bus import Bus
 from shared.errors import APP_NO_CUSTOMER, STORE_NO_SUPPORTER, ParleyError
 from shared.events import AgentPresence, CustomerRegistered, Event, SupporterAssigned, utcnow
 from shared.internal import CustomerDirectory, TokenIssuer, UidTaken
-from shared.mongo import Collection, Database, Document, next_sequence
-from shared.outbox import OUTBOX_INDEX, deliver, new_with_outbox, with_outbox
+from shared.mongo import Database, Document
+from shared.revlog import Conflict, Versioned
 from shared.settings import Settings
 
-STORES = "customer_stores"
-AGENTS = "customer_agents"
-CLIENTS = "customer_clients"
-ASSIGNMENTS = "customer_assignments"
-COUNTERS = "customer_counters"
+from .repository import Agent, CustomerRepository, Store, Visitor, to_store, visitor_key
 
-INDEXES: dict[str, list[IndexModel]] = {
-    STORES: [IndexModel([("appid", 1)], unique=True, name="one_store_per_app"), OUTBOX_INDEX],
-    AGENTS: [IndexModel([("store_id", 1)], name="store"), OUTBOX_INDEX],
-    CLIENTS: [OUTBOX_INDEX],
-    ASSIGNMENTS: [OUTBOX_INDEX],
-    COUNTERS: [],
-}
+log = structlog.get_logger("parley.customer")
+
+TOKEN_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -61,99 +45,103 @@ class Supporter:
     status: str
 
 
+class _Taken(Exception):
+    pass
+
+
 class CustomerDomain:
     def __init__(
         self, db: Database, bus: Bus | None, settings: Settings, tokens: TokenIssuer | None
     ) -> None:
-        self.stores: Collection = db[STORES]
-        self.agents: Collection = db[AGENTS]
-        self.clients: Collection = db[CLIENTS]
-        self.assignments: Collection = db[ASSIGNMENTS]
-        self.counters: Collection = db[COUNTERS]
+        self.repo = CustomerRepository(db, settings.customer_client_id_base)
         self.bus = bus
         self.settings = settings
         self.tokens = tokens
 
-    def outbox_collections(self) -> list[Collection]:
-        return [self.stores, self.agents, self.clients, self.assignments]
-
-    async def _next(self, name: str) -> int:
-        return await next_sequence(self.counters, name)
-
     # ---- stores and agents (management) ----
 
     async def create_store(self, appid: int, name: str) -> int:
-        store_id = await self._next("store")
+        store_id = await self.repo.next_store_id()
+        state: Document = {"appid": appid, "name": name, "agents": {}}
+
+        def create(current: Versioned) -> tuple[Document, list[Event]]:
+            if current.rev > 0:
+                raise _Taken()
+            return {"op": "create", "s": state}, []
+
         try:
-            await self.stores.insert_one(
-                {"_id": store_id, "appid": appid, "name": name, "created_at": utcnow()}
-            )
-        except DuplicateKeyError:
-            raise ParleyError(f"app {appid} already has a store") from None
+            await self.repo.change_store(store_id, create, self.bus, new=True)
+        except _Taken:
+            raise ParleyError(f"store id {store_id} is taken") from None
+        if not await self.repo.claim(f"app:{appid}", store_id):
+            await self.repo.change_store(store_id, lambda _: ({"op": "drop"}, []), self.bus)
+            raise ParleyError(f"app {appid} already has a store")
         return store_id
 
     async def add_agent(self, store_id: int, name: str) -> int:
-        store = await self.stores.find_one({"_id": store_id})
-        if store is None:
+        if await self.repo.store(store_id) is None:
             raise ParleyError(f"no store {store_id}")
-        seller_id = await self._next("seller")
-        await self.agents.insert_one(
-            {
-                "_id": seller_id,
-                "store_id": store_id,
-                "appid": store["appid"],
-                "name": name,
-                "status": "offline",
-            }
-        )
+        seller_id = await self.repo.next_seller_id()
+        await self.repo.claim(f"seller:{seller_id}", store_id)
+
+        def join(current: Versioned) -> tuple[Document, list[Event]]:
+            if current.state is None:
+                raise ParleyError(f"no store {store_id}")
+            return {"op": "agent", "id": seller_id, "name": name}, []
+
+        await self.repo.change_store(store_id, join, self.bus)
         return seller_id
+
+    async def _presence(
+        self, seller_id: int, status: str, at: datetime, appid: int | None, announce: bool
+    ) -> bool:
+        """Record an agent's status unless a newer one is known; False for an unknown agent
+        (or one of another app than ``appid``)."""
+        store_id = await self.repo.claimed(f"seller:{seller_id}")
+        if store_id is None:
+            return False
+        known = True
+
+        def compute(current: Versioned) -> tuple[Document, list[Event]] | None:
+            nonlocal known
+            store = to_store(store_id, current.state)
+            agent = _agent(store, seller_id)
+            if store is None or agent is None or (appid is not None and store.appid != appid):
+                known = False
+                return None
+            if agent.status_at is not None and agent.status_at >= at:
+                return None  # a newer status is known (or this one, replayed)
+            events: list[Event] = []
+            if announce:
+                events.append(AgentPresence(appid=store.appid, seller_id=seller_id, status=status))
+            return {"op": "presence", "id": seller_id, "status": status, "at": at}, events
+
+        try:
+            await self.repo.change_store(store_id, compute, self.bus)
+        except Conflict:
+            raise ParleyError("store busy, retry", status=503) from None
+        return known
 
     async def set_presence(
         self, seller_id: int, status: Literal["online", "offline"], at: datetime | None = None
     ) -> bool:
         """Record an agent's status unless a newer one is known; False for an unknown agent."""
-        agent = await self.agents.find_one({"_id": seller_id}, {"appid": 1})
-        if agent is None:
-            return False
-        at = at or utcnow()
-        event = AgentPresence(appid=agent["appid"], seller_id=seller_id, status=status)
-        result = await self.agents.update_one(
-            {
-                "_id": seller_id,
-                "$or": [{"status_at": {"$lt": at}}, {"status_at": {"$exists": False}}],
-            },
-            with_outbox({"$set": {"status": status, "status_at": at}}, [event]),
-        )
-        if result.modified_count:
-            await deliver(self.agents, seller_id, [event], self.bus)
-        return True
+        return await self._presence(seller_id, status, at or utcnow(), None, announce=True)
 
     async def on_presence_event(self, event: Event) -> None:
         """``agent.presence`` from a delivery server (replays and stale ones change nothing)."""
         if isinstance(event, AgentPresence):
-            agent = await self.agents.find_one({"_id": event.seller_id}, {"appid": 1})
-            if agent is not None and agent["appid"] == event.appid:
-                await self.agents.update_one(
-                    {
-                        "_id": event.seller_id,
-                        "$or": [
-                            {"status_at": {"$lt": event.occurred_at}},
-                            {"status_at": {"$exists": False}},
-                        ],
-                    },
-                    {"$set": {"status": event.status, "status_at": event.occurred_at}},
-                )
+            await self._presence(
+                event.seller_id, event.status, event.occurred_at, event.appid, announce=False
+            )
 
     # ---- visitors ----
 
     async def store_of(self, appid: int) -> int:
-        store = await self.stores.find_one({"appid": appid}, {"_id": 1})
-        if store is None:
+        store_id = await self.repo.claimed(f"app:{appid}")
+        if store_id is None:
             raise ParleyError(APP_NO_CUSTOMER)
-        return int(store["_id"])
-
-    async def _new_client_id(self, appid: int) -> int:
-        return self.settings.customer_client_id_base + await self._next(f"client:{appid}")
+        return store_id
 
     async def register(
         self,
@@ -169,86 +157,113 @@ class CustomerDomain:
         if self.tokens is None:
             raise RuntimeError("customer registration needs the auth service")
         store_id = await self.store_of(appid)
+        visitor = await self._visitor_for(appid, customer_id, store_id, rid)
         for _ in range(10):
-            client_id, doc_id = await self._client_for(appid, customer_id, store_id, rid)
             try:
-                token = await self.tokens.customer_token(appid, client_id, name, avatar)
+                token = await self._customer_token(appid, visitor.client_id, name, avatar)
             except UidTaken:
                 # The number is an app user's uid: move this visitor to a fresh id.
-                fresh = await self._new_client_id(appid)
-                await self.clients.update_one(
-                    {"_id": doc_id, "client_id": client_id}, {"$set": {"client_id": fresh}}
-                )
+                visitor = await self._move(visitor, await self.repo.next_client_id(appid), rid)
                 continue
-            return Registration(token, store_id, client_id)
+            return Registration(token, store_id, visitor.client_id)
         raise ParleyError("no client id available", status=503)
 
-    async def _client_for(
+    async def _customer_token(
+        self, appid: int, uid: int, name: str | None, avatar: str | None
+    ) -> str:
+        """The visitor's token from the auth service, asked again when the call failed (it is
+        idempotent: the same uid always gets the same token)."""
+        assert self.tokens is not None
+        for attempt in range(TOKEN_ATTEMPTS):
+            try:
+                return await self.tokens.customer_token(appid, uid, name, avatar)
+            except ParleyError as exc:
+                if exc.status != 503 or attempt == TOKEN_ATTEMPTS - 1:
+                    raise
+                log.warning("customer token call failed; asking again", uid=uid, error=exc.message)
+        raise AssertionError("unreachable")
+
+    async def _visitor_for(
         self, appid: int, customer_id: str | None, store_id: int, rid: str
-    ) -> tuple[int, str]:
+    ) -> Visitor:
         if customer_id:
-            doc_id = f"{appid}:{customer_id}"
-            existing = await self.clients.find_one({"_id": doc_id}, {"client_id": 1})
-            if existing is not None:
-                return int(existing["client_id"]), doc_id
-        client_id = await self._new_client_id(appid)
-        doc_id = f"{appid}:{customer_id}" if customer_id else f"{appid}#{client_id}"
+            known = await self.repo.visitor(visitor_key(appid, customer_id))
+            if known is not None:
+                return known
+        client_id = await self.repo.next_client_id(appid)
         event = CustomerRegistered(
             appid=appid, customer_id=customer_id or None, client_id=client_id, store_id=store_id
         )
-        doc = {"appid": appid, "customer_id": customer_id or None, "client_id": client_id}
-        try:
-            await self.clients.insert_one(new_with_outbox({"_id": doc_id, **doc}, [event], rid))
-        except DuplicateKeyError:  # a concurrent first registration won: use its id
-            winner = await self.clients.find_one({"_id": doc_id}, {"client_id": 1})
-            assert winner is not None
-            return int(winner["client_id"]), doc_id
-        await deliver(self.clients, doc_id, [event], self.bus, rid)
-        return client_id, doc_id
+
+        def create(current: Versioned) -> tuple[Document, list[Event]] | None:
+            if current.state is not None:
+                return None  # a concurrent first registration won: use its id
+            fields = {"client_id": client_id, "customer_id": customer_id or None}
+            return {"f": fields}, [event]
+
+        visitor = await self.repo.change_visitor(
+            visitor_key(appid, customer_id, client_id),
+            create,
+            self.bus,
+            rid,
+            new=not customer_id,  # an anonymous visitor's key holds a fresh number
+        )
+        assert visitor is not None
+        return visitor
+
+    async def _move(self, visitor: Visitor, fresh: int, rid: str) -> Visitor:
+        def move(current: Versioned) -> tuple[Document, list[Event]] | None:
+            if current.state is None or current.state["client_id"] != visitor.client_id:
+                return None  # already moved by a concurrent registration
+            return {"f": {"client_id": fresh}}, []
+
+        moved = await self.repo.change_visitor(visitor.key, move, self.bus, rid)
+        assert moved is not None
+        return moved
+
+    async def client_id(self, appid: int, customer_id: str) -> int | None:
+        visitor = await self.repo.visitor(visitor_key(appid, customer_id))
+        return visitor.client_id if visitor else None
 
     # ---- choosing an agent ----
 
-    async def sellers(self, appid: int, store_id: int) -> list[Document]:
-        store = await self.stores.find_one({"_id": store_id, "appid": appid}, {"_id": 1})
-        if store is None:
-            return []
-        return (
-            await self.agents.find({"store_id": store_id}, {"outbox": 0}).sort("_id", 1).to_list()
-        )
+    async def store(self, appid: int, store_id: int) -> Store | None:
+        """The app's store ``store_id`` as of now (None: not this app's)."""
+        store = await self.repo.store(store_id)
+        return store if store is not None and store.appid == appid else None
 
     async def supporter(self, appid: int, uid: int, store_id: int, rid: str = "") -> Supporter:
         """S18: the visitor's previous agent of this store if still there (even offline), else
         a random online agent, else the store's first agent; the choice is remembered."""
-        sellers = await self.sellers(appid, store_id)
-        if not sellers:
+        store = await self.store(appid, store_id)
+        if store is None or not store.agents:
             raise ParleyError(STORE_NO_SUPPORTER)
-        by_id = {int(s["_id"]): s for s in sellers}
-        key = f"{appid}:{uid}"
-        previous = await self.assignments.find_one({"_id": key}, {"outbox": 0})
-        if previous and previous["store_id"] == store_id and previous["seller_id"] in by_id:
-            chosen = by_id[previous["seller_id"]]
-        else:
-            online = [s for s in sellers if s.get("status") == "online"]
-            chosen = random.choice(online) if online else sellers[0]
+        by_id = {a.seller_id: a for a in store.agents}
+        online = [a for a in store.agents if a.status == "online"]
+        pick = random.choice(online) if online else store.agents[0]
+
+        def choose(current: Versioned) -> tuple[Document, list[Event]] | None:
+            previous = current.state
+            if previous and previous["store_id"] == store_id and previous["seller_id"] in by_id:
+                return None
             event = SupporterAssigned(
-                appid=appid, uid=uid, store_id=store_id, seller_id=int(chosen["_id"])
+                appid=appid, uid=uid, store_id=store_id, seller_id=pick.seller_id
             )
-            with contextlib.suppress(DuplicateKeyError):  # concurrent choice: last one wins
-                await self.assignments.update_one(
-                    {"_id": key},
-                    with_outbox(
-                        {"$set": {"store_id": store_id, "seller_id": int(chosen["_id"])}},
-                        [event],
-                        rid,
-                    ),
-                    upsert=True,
-                )
-                await deliver(self.assignments, key, [event], self.bus, rid)
-        return Supporter(
-            int(chosen["_id"]),
-            str(chosen.get("name", "")).split("@", 1)[0],
-            str(chosen.get("status", "offline")),
-        )
+            return {"f": {"store_id": store_id, "seller_id": pick.seller_id}}, [event]
+
+        try:
+            chosen = await self.repo.change_assignment(appid, uid, choose, self.bus, rid)
+        except Conflict:
+            raise ParleyError("busy, retry", status=503) from None
+        assert chosen is not None
+        agent = by_id[chosen.seller_id]
+        return Supporter(agent.seller_id, agent.name.split("@", 1)[0], agent.status)
+
+
+def _agent(store: Store | None, seller_id: int) -> Agent | None:
+    if store is None:
+        return None
+    return next((a for a in store.agents if a.seller_id == seller_id), None)
 
 
 class LocalCustomerDirectory(CustomerDirectory):
@@ -256,8 +271,8 @@ class LocalCustomerDirectory(CustomerDirectory):
         self._domain = domain
 
     async def client_id(self, appid: int, customer_id: str) -> int | None:
-        doc = await self._domain.clients.find_one({"_id": f"{appid}:{customer_id}"})
-        return int(doc["client_id"]) if doc else None
+        return await self._domain.client_id(appid, customer_id)
 
     async def store_sellers(self, appid: int, store_id: int) -> list[int]:
-        return [int(s["_id"]) for s in await self._domain.sellers(appid, store_id)]
+        store = await self._domain.store(appid, store_id)
+        return [a.seller_id for a in store.agents] if store else []
