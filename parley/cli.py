@@ -103,7 +103,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     store: EmbeddedStore | None = None
     extra: dict[str, Any] = {}
     if args.mongo_url is None:
-        data_dir = private_dir(Path(args.data).resolve())
+        data_dir = private_dir(Path(args.data).resolve(), files=False)
         store = EmbeddedStore(
             data_dir / "mongo",
             args.embedded_mongo_addr,
@@ -254,7 +254,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     from parley.servers import free_port, start_rabbitmq
 
     configure_logging(level="warning")
-    data = private_dir(Path(args.data).resolve())
+    data = private_dir(Path(args.data).resolve(), files=False)
     started = []
     try:
         mongo_url = args.mongo_url

@@ -53,13 +53,13 @@ def port_open(host: str, port: int) -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
-def private_dir(path: Path) -> Path:
+def private_dir(path: Path, files: bool = True) -> Path:
     """``path`` created if missing, and everything in it made private to this user: the
-    directories 0700, the files 0600 (what an earlier run left with wider modes included)."""
+    directories 0700, and (``files``) the files 0600, what an earlier run left included."""
     _mkdirs(path)
-    for root, _dirs, files in os.walk(path):
+    for root, _dirs, names in os.walk(path):
         os.chmod(root, 0o700)
-        for name in files:
+        for name in names if files else ():
             file = os.path.join(root, name)
             if not os.path.islink(file):
                 os.chmod(file, 0o600)
@@ -183,11 +183,13 @@ def _spawn(
     log_path: Path,
     cwd: Path,
     env: dict[str, str] | None = None,
+    umask: int = 0o077,
 ) -> Process:
-    """``argv`` in its own session, working in ``cwd`` (its data directory) with umask 077,
+    """``argv`` in its own session, working in ``cwd`` (its data directory) with ``umask``,
     its output appended to ``log_path`` (0600)."""
     _mkdirs(log_path.parent)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)
     with os.fdopen(fd, "ab") as log:
         popen = subprocess.Popen(
             argv,
@@ -196,7 +198,7 @@ def _spawn(
             env=env,
             cwd=cwd,
             start_new_session=True,
-            umask=0o077,
+            umask=umask,
             preexec_fn=_die_with_parent(os.getpid()) if sys.platform == "linux" else None,
         )
     return Process(name, popen, log_path)
@@ -243,11 +245,14 @@ def spawn_ferretdb(data_dir: Path, addr: str, *, postgresql_url: str | None = No
             "or pass --mongo-url."
         )
     binary = find_ferretdb()
-    private_dir(data_dir)
+    # The directory is 0700, so no other user reaches the files in it. Their own modes are
+    # left as FerretDB makes them: with SQLite files created 0600 (umask 077 or 066) FerretDB
+    # stopped answering under tests/test_messages.py's 120-member group load, with 022 not.
+    private_dir(data_dir, files=False)
     argv = [str(binary), "--listen-addr", addr, "--sqlite-url", f"file:{data_dir}/"]
     if postgresql_url:
         argv += ["--postgresql-url", postgresql_url]
-    return _spawn("ferretdb", argv, data_dir / "ferretdb.log", cwd=data_dir)
+    return _spawn("ferretdb", argv, data_dir / "ferretdb.log", cwd=data_dir, umask=0o022)
 
 
 def wait_ferretdb(process: Process, addr: str, timeout: float = 60.0) -> None:
