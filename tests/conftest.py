@@ -311,6 +311,14 @@ async def local_stack(mongo_url: str) -> AsyncIterator[Stack]:
         yield built
 
 
+@pytest.fixture(scope="module")
+async def own_stack(mongo_url: str) -> AsyncIterator[Stack]:
+    """The all-in-one stack on the in-process bus with a database of its own, for a module
+    whose tests count an app's documents before and after (quick in a small database)."""
+    async with allinone_stack("local", stack_settings(mongo_url, None)) as built:
+        yield built
+
+
 @pytest.fixture(scope="session", params=MODES)
 async def stack(
     request: pytest.FixtureRequest, mongo_url: str, workdir: Path

@@ -77,9 +77,9 @@ def http_request(method: str, path: str, headers: list[bytes], body: bytes = b""
     ],
 )
 async def test_undecodable_authorization_is_refused(
-    local_stack: Stack, path: str, authorization: bytes, expected: dict[str, Any]
+    own_stack: Stack, path: str, authorization: bytes, expected: dict[str, Any]
 ) -> None:
-    stack = local_stack
+    stack = own_stack
     app = await stack.new_app()
     body = json.dumps({"uid": 1, "appid": app.appid}).encode()
     method = "GET" if path in ("/client/groups", "/messages/offline") else "POST"
@@ -92,10 +92,10 @@ async def test_undecodable_authorization_is_refused(
     assert json.loads(answer) == expected
 
 
-async def test_a_malformed_header_is_never_echoed(local_stack: Stack, caplog: Any) -> None:
+async def test_a_malformed_header_is_never_echoed(own_stack: Stack, caplog: Any) -> None:
     """aiohttp answers a request it cannot parse itself; Parley's server makes that answer the
     envelope, and neither it nor any log line quotes the request."""
-    stack = local_stack
+    stack = own_stack
     secret = "SeCrEtToKeN"
     configure_logging(level="debug", cache=False)
     try:
@@ -116,8 +116,8 @@ async def test_a_malformed_header_is_never_echoed(local_stack: Stack, caplog: An
     assert any(line.get("event") == "malformed request refused" for line in logs)
 
 
-async def test_request_ids_are_ascii_or_replaced(local_stack: Stack) -> None:
-    stack = local_stack
+async def test_request_ids_are_ascii_or_replaced(own_stack: Stack) -> None:
+    stack = own_stack
     status, headers, _ = await raw_request(
         stack, http_request("GET", "/healthz", [b"X-Request-ID: caf\xc3\xa9-\xff"])
     )
@@ -189,10 +189,8 @@ def nested(depth: int, inner: str = "1") -> str:
     ],
     ids=["deep-10000", "deep-65", "deep-objects", "int-5000", "int-65", "nan", "float-range"],
 )
-async def test_json_beyond_bounds_is_refused_on_every_endpoint(
-    local_stack: Stack, body: str
-) -> None:
-    stack = local_stack
+async def test_json_beyond_bounds_is_refused_on_every_endpoint(own_stack: Stack, body: str) -> None:
+    stack = own_stack
     app = await stack.new_app()
     routes = await body_routes(stack, app)
     async with nothing_written(stack, app.appid):
@@ -201,8 +199,8 @@ async def test_json_beyond_bounds_is_refused_on_every_endpoint(
             assert (status, reply) == (400, JSON_DECODE_ERROR), (method, path)
 
 
-async def test_json_at_the_bounds_is_accepted(local_stack: Stack) -> None:
-    stack = local_stack
+async def test_json_at_the_bounds_is_accepted(own_stack: Stack) -> None:
+    stack = own_stack
     app = await stack.new_app()
     body = '{"uid": 1, "user_name": "x", "extra": ' + nested(63) + ', "n": ' + "9" * 64 + "}"
     status, reply, _ = await stack.request(
@@ -214,8 +212,8 @@ async def test_json_at_the_bounds_is_accepted(local_stack: Stack) -> None:
 # ---- lone surrogates -----------------------------------------------------------------------
 
 
-async def test_lone_surrogates_in_every_text_field(local_stack: Stack) -> None:
-    stack = local_stack
+async def test_lone_surrogates_in_every_text_field(own_stack: Stack) -> None:
+    stack = own_stack
     app = await stack.new_app()
     routes = await body_routes(stack, app)
     by_path = {(method, path): headers for method, path, headers in routes}
@@ -281,8 +279,8 @@ async def test_lone_surrogates_in_every_text_field(local_stack: Stack) -> None:
     assert entries[-1]["content"] == "😀"
 
 
-async def test_register_writes_no_mapping_for_a_refused_visitor(local_stack: Stack) -> None:
-    stack = local_stack
+async def test_register_writes_no_mapping_for_a_refused_visitor(own_stack: Stack) -> None:
+    stack = own_stack
     app = await stack.new_app()
     await desk(stack, app, ["ann"])
     async with nothing_written(stack, app.appid):
@@ -299,8 +297,8 @@ async def test_register_writes_no_mapping_for_a_refused_visitor(local_stack: Sta
 # ---- /auth/customer keeps what it is not given ----------------------------------------------
 
 
-async def test_auth_customer_keeps_a_visitors_name(local_stack: Stack) -> None:
-    stack = local_stack
+async def test_auth_customer_keeps_a_visitors_name(own_stack: Stack) -> None:
+    stack = own_stack
     app = await stack.new_app()
     await desk(stack, app, ["ann"])
     first = {"appid": app.appid, "customer_id": "v-1", "name": "Vi", "avatar": "v.png"}

@@ -56,8 +56,8 @@ async def group(stack: Stack, gid: int) -> dict[str, Any]:
 # ---- text lengths (defaults) ----------------------------------------------------------------
 
 
-async def test_group_name_notice_and_nickname_lengths(local_stack: Stack) -> None:
-    stack = local_stack
+async def test_group_name_notice_and_nickname_lengths(own_stack: Stack) -> None:
+    stack = own_stack
     app = await stack.new_app()
     alice = await stack.client(app, 1)
     gid = await new_group(stack, app, 1, [1, 2])
@@ -105,8 +105,8 @@ async def test_group_name_notice_and_nickname_lengths(local_stack: Stack) -> Non
     assert sorted(doc["members"]) == ["1", "2"]
 
 
-async def test_user_name_lengths(local_stack: Stack) -> None:
-    stack = local_stack
+async def test_user_name_lengths(own_stack: Stack) -> None:
+    stack = own_stack
     app = await stack.new_app()
     at, over = "u" * 256, "u" * 257
     for method, path, body in (
@@ -126,8 +126,8 @@ async def test_user_name_lengths(local_stack: Stack) -> None:
             assert (status, reply) == (400, INVALID_PARAM), path
 
 
-async def test_visitor_name_avatar_and_customer_id_lengths(local_stack: Stack) -> None:
-    stack = local_stack
+async def test_visitor_name_avatar_and_customer_id_lengths(own_stack: Stack) -> None:
+    stack = own_stack
     app = await stack.new_app()
     await desk(stack, app, ["ann"])
     at = {"appid": app.appid, "customer_id": "c" * 256, "name": "v" * 256, "avatar": "a" * 1024}
@@ -151,8 +151,8 @@ async def test_visitor_name_avatar_and_customer_id_lengths(local_stack: Stack) -
 # ---- content size ---------------------------------------------------------------------------
 
 
-async def test_message_content_size(local_stack: Stack) -> None:
-    stack = local_stack
+async def test_message_content_size(own_stack: Stack) -> None:
+    stack = own_stack
     app = await stack.new_app()
     gid = await new_group(stack, app, 1, [1, 2])
     limit = stack.settings.max_content_bytes
@@ -196,8 +196,8 @@ async def each(
             assert got[1] == reply, (method, path)
 
 
-async def test_members_per_request(local_stack: Stack) -> None:
-    stack = local_stack
+async def test_members_per_request(own_stack: Stack) -> None:
+    stack = own_stack
     app = await stack.new_app()
     alice, server = await stack.client(app, 1), app.server_auth
     async with parley_with(stack, max_members_per_request=3) as base:
@@ -242,8 +242,8 @@ async def test_members_per_request(local_stack: Stack) -> None:
             )
 
 
-async def test_members_per_group(local_stack: Stack) -> None:
-    stack = local_stack
+async def test_members_per_group(own_stack: Stack) -> None:
+    stack = own_stack
     app = await stack.new_app()
     alice, server = await stack.client(app, 1), app.server_auth
     async with parley_with(stack, max_group_members=4, max_super_group_members=6) as base:
@@ -301,8 +301,8 @@ async def test_members_per_group(local_stack: Stack) -> None:
             assert (await group(stack, gid))["revision"] == revision
 
 
-async def test_client_group_creation_rate(local_stack: Stack) -> None:
-    stack = local_stack
+async def test_client_group_creation_rate(own_stack: Stack) -> None:
+    stack = own_stack
     app = await stack.new_app()
     alice, bob = await stack.client(app, 1), await stack.client(app, 2)
     body = {"master": 1, "name": "g", "members": [2]}
@@ -334,8 +334,8 @@ async def test_client_group_creation_rate(local_stack: Stack) -> None:
         assert status == 200
 
 
-async def test_clients_create_super_groups_only_when_allowed(local_stack: Stack) -> None:
-    stack = local_stack
+async def test_clients_create_super_groups_only_when_allowed(own_stack: Stack) -> None:
+    stack = own_stack
     app = await stack.new_app()
     alice = await stack.client(app, 1)
     body = {"master": 1, "name": "g", "members": [2], "super": True}
@@ -353,8 +353,8 @@ async def test_clients_create_super_groups_only_when_allowed(local_stack: Stack)
 # ---- spec §6: leaving requires membership ---------------------------------------------------
 
 
-async def test_a_non_member_cannot_leave(local_stack: Stack) -> None:
-    stack = local_stack
+async def test_a_non_member_cannot_leave(own_stack: Stack) -> None:
+    stack = own_stack
     app = await stack.new_app()
     gid = await new_group(stack, app, 1, [1, 2])
     await stack.wait_inbox(app.appid, "u:2", 1)
@@ -379,8 +379,8 @@ async def test_a_non_member_cannot_leave(local_stack: Stack) -> None:
 
 
 @pytest.mark.parametrize("bad", [0, -1, "0", -(2**63)])
-async def test_ids_must_be_positive(local_stack: Stack, bad: Any) -> None:
-    stack = local_stack
+async def test_ids_must_be_positive(own_stack: Stack, bad: Any) -> None:
+    stack = own_stack
     app = await stack.new_app()
     gid = await new_group(stack, app, 1, [1, 2])
     await stack.wait_inbox(app.appid, "u:2", 1)
@@ -480,11 +480,11 @@ async def test_ids_must_be_positive(local_stack: Stack, bad: Any) -> None:
 
 
 async def test_ip_allow_list_uses_the_peer_address_without_a_trusted_proxy(
-    local_stack: Stack,
+    own_stack: Stack,
 ) -> None:
     """All-in-one with no proxy configured: the connection's address decides, whatever
     ``X-Real-IP`` claims, and leaving the header out bypasses nothing."""
-    stack = local_stack
+    stack = own_stack
     app, loopback = await stack.new_app(), await stack.new_app()
     permissions = {app.appid: ["10.0.0.1"], loopback.appid: ["127.0.0.1"]}
     async with parley_with(stack, ip_permissions=permissions) as base:
