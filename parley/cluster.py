@@ -52,6 +52,8 @@ def start_cluster(
         "PARLEY_OUTBOX_RELAY_INTERVAL": str(settings.outbox_relay_interval),
         "PARLEY_OUTBOX_GRACE": str(settings.outbox_grace),
         "PARLEY_PUBLISH_TIMEOUT": str(settings.publish_timeout),
+        "PARLEY_REQUEST_TIMEOUT": str(settings.request_timeout),
+        "PARLEY_MONGO_TIMEOUT": str(settings.mongo_timeout),
         "PARLEY_KEFU_APPID": str(settings.kefu_appid),
         "PARLEY_LOG_LEVEL": log_level,
     }
