@@ -57,6 +57,8 @@ def start_cluster(
         "PARLEY_OUTBOX_RELAY_INTERVAL": str(settings.outbox_relay_interval),
         "PARLEY_OUTBOX_GRACE": str(settings.outbox_grace),
         "PARLEY_PUBLISH_TIMEOUT": str(settings.publish_timeout),
+        "PARLEY_REQUEST_TIMEOUT": str(settings.request_timeout),
+        "PARLEY_MONGO_TIMEOUT": str(settings.mongo_timeout),
         "PARLEY_KEFU_APPID": str(settings.kefu_appid),
         # The edge nginx is on loopback: believe its X-Real-IP (the IP allow-list).
         "PARLEY_TRUSTED_PROXIES": '["127.0.0.1/32", "::1/128"]',

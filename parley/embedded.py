@@ -38,6 +38,7 @@ class EmbeddedStore:
         self.postgresql_url = postgresql_url
         self.process: Process | None = None
         self.failed = False  # gave up restarting: the command must exit non-zero
+        self.restarting = False  # from noticing an exit until the new child answers
         self._restarts: list[float] = []
 
     @property
@@ -57,6 +58,8 @@ class EmbeddedStore:
         """The readiness check: the child is running."""
         if self.process is None or self.process.popen.poll() is not None:
             raise ConnectionError("the embedded FerretDB is not running")
+        if self.restarting:
+            raise ConnectionError("the embedded FerretDB is restarting")
 
     async def watch(self) -> None:
         """Restarts FerretDB whenever it exits, until the restart budget is spent."""
@@ -80,12 +83,16 @@ class EmbeddedStore:
                 os.kill(os.getpid(), signal.SIGTERM)  # stop serving; the command exits 1
                 return
             self._restarts.append(now)
+            self.restarting = True
             log.warning(
                 f"the embedded FerretDB (PID {process.popen.pid}) exited with code {code}; "
                 f"restarting it ({len(self._restarts)}/{MAX_RESTARTS}, log: {process.log_path})"
             )
             await asyncio.sleep(0.5 * 2 ** (len(self._restarts) - 1))
-            await self._restart()
+            try:
+                await self._restart()
+            finally:
+                self.restarting = False
 
     async def _restart(self) -> None:
         try:

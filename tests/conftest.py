@@ -53,6 +53,7 @@ from shared.web import Deps
 configure_logging(level=os.environ.get("PARLEY_TEST_LOG_LEVEL", "warning"), cache=False)
 
 EVENT_WAIT = 10.0
+TEST_DEADLINE = 60.0
 
 
 @pytest.fixture(scope="session")
@@ -237,7 +238,7 @@ class ParleyTestServer(TestServer):
 
 
 async def _prepared_db(mongo_url: str, name: str) -> tuple[Any, Database]:
-    client = make_client(mongo_url)
+    client = make_client(mongo_url, timeout=TEST_DEADLINE)
     db = client[name]
     await ensure_indexes(db, AUTH_INDEXES)
     return client, db
@@ -301,6 +302,10 @@ def stack_settings(mongo_url: str, amqp_url: str | None) -> Settings:
         amqp_exchange=unique("parley.test."),
         outbox_relay_interval=0.5,
         outbox_grace=1.0,
+        # Deadlines for a test machine whose CPUs are shared: slowness is not what these
+        # stacks test (tests/test_supervision.py tests the deadlines themselves).
+        request_timeout=TEST_DEADLINE,
+        mongo_timeout=TEST_DEADLINE,
     )
 
 
