@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
@@ -299,7 +300,10 @@ class RevLog:
             return False
         # The pointer is dropped after the answer (a process that stops first leaves it, and
         # the relay publishes the events once more: duplicates, never loss).
-        task = asyncio.create_task(self._forget(f"{revision.key}:{revision.rev}"))
+        task = asyncio.create_task(
+            self._forget(f"{revision.key}:{revision.rev}"),
+            context=contextvars.Context(),  # work of no request (logged and counted as such)
+        )
         self._forgetting.add(task)
         task.add_done_callback(self._forgetting.discard)
         return True

@@ -19,9 +19,10 @@ import hashlib
 import os
 import secrets
 import shutil
+import sys
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -262,9 +263,21 @@ async def allinone_stack(mode: str, settings: Settings) -> AsyncIterator[Stack]:
         async with aiohttp.ClientSession() as http:
             yield Stack(mode, str(server.make_url("")).rstrip("/"), db, bus, settings, http)
     finally:
-        await server.close()
-        await bus.close()
+        await bounded(server.close(), "the all-in-one server's shutdown")
+        await bounded(bus.close(), "the bus's shutdown")
         await client.close()
+
+
+async def bounded(step: Awaitable[None], what: str, seconds: float = 60.0) -> None:
+    """A teardown step that must end: past ``seconds`` it fails, printing every task's stack
+    (what it waits on), instead of hanging the session."""
+    try:
+        await asyncio.wait_for(step, seconds)
+    except TimeoutError:
+        for task in asyncio.all_tasks():
+            print(f"--- {task.get_name()}", file=sys.stderr)
+            task.print_stack(file=sys.stderr)
+        raise AssertionError(f"{what} did not end in {seconds:g} s") from None
 
 
 @contextlib.asynccontextmanager

@@ -30,6 +30,9 @@ async def test_store_commands_per_group_request(local_stack: Stack) -> None:
     stack = local_stack
     app = await stack.new_app()
     server = app.server_auth
+    body = {"master": 1, "name": "warm", "members": [1]}
+    status, _, _ = await stack.request("POST", "/groups", json=body, headers=server)
+    assert status == 200  # the app's credentials are cached and a block of group ids held
     status, reply, create_cost = await counted(
         stack, "POST", "/groups", server, {"master": 1, "name": "g", "members": [1, 2]}
     )
@@ -45,6 +48,8 @@ async def test_store_commands_per_group_request(local_stack: Stack) -> None:
     assert status == 200
     assert rename_cost <= 2, rename_cost
     client = await stack.client(app, 1)
+    status, _, _ = await stack.request("GET", "/client/groups", headers=client)
+    assert status == 200  # the token's owner is cached
     status, reply, get_cost = await counted(stack, "GET", f"/client/groups/{gid}", client)
     assert status == 200 and [m["uid"] for m in reply["data"]["members"]] == [1, 2, 3]
     assert get_cost <= 1 + 3, get_cost  # the next revision's probe; three members' names
