@@ -120,7 +120,11 @@ def go_tool(name: str, source: Path, configured: str | None = None, build: bool 
     if not Path(go).exists():
         raise ServerError(f"{name} not found and Go is not installed to build it")
     LOCAL_BIN.mkdir(parents=True, exist_ok=True)
-    subprocess.run([go, "build", "-o", str(local), "."], cwd=source, check=True)
+    script = source / "build.sh"  # a tool with its own recipe (FerretDB: a patched build)
+    if script.exists():
+        subprocess.run([str(script), str(local)], env={**os.environ, "GO": go}, check=True)
+    else:
+        subprocess.run([go, "build", "-o", str(local), "."], cwd=source, check=True)
     return local
 
 
