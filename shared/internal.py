@@ -81,8 +81,11 @@ class GroupSnapshot(BaseModel):
 
 class GroupDirectory(abc.ABC):
     @abc.abstractmethod
-    async def get_group(self, appid: int, gid: int) -> GroupSnapshot | None:
-        """The live group ``gid`` of app ``appid`` as it is now, or None."""
+    async def get_group(
+        self, appid: int, gid: int, revision: int | None = None
+    ) -> GroupSnapshot | None:
+        """The live group ``gid`` of app ``appid`` as it is now (or as of ``revision``), or
+        None."""
 
     async def close(self) -> None:
         return None
@@ -92,10 +95,13 @@ class HttpGroupDirectory(GroupDirectory):
     def __init__(self, base_url: str, secret: str = "") -> None:
         self._client = InternalClient(base_url, secret=secret)
 
-    async def get_group(self, appid: int, gid: int) -> GroupSnapshot | None:
-        status, body = await self._client.call(
-            "GET", f"/internal/groups/{gid}", params={"appid": str(appid)}
-        )
+    async def get_group(
+        self, appid: int, gid: int, revision: int | None = None
+    ) -> GroupSnapshot | None:
+        params = {"appid": str(appid)}
+        if revision is not None:
+            params["revision"] = str(revision)
+        status, body = await self._client.call("GET", f"/internal/groups/{gid}", params=params)
         return GroupSnapshot.model_validate(body) if status == 200 else None
 
     async def close(self) -> None:

@@ -152,10 +152,13 @@ class OutboxRelay:
         return published
 
     async def measure_backlog(self) -> None:
-        """Sets ``parley_outbox_backlog``: documents of each collection with pending events."""
+        """Sets ``parley_outbox_backlog``: documents of each collection with pending events, and
+        each revision log's pending pointers (a collection of changes in flight only)."""
         for collection in self._collections:
             count = await collection.count_documents({"outbox_n": {"$gt": 0}})
             OUTBOX_BACKLOG.labels(collection.name).set(count)
+        for revlog in self._revlogs:
+            OUTBOX_BACKLOG.labels(revlog.pending.name).set(await revlog.pending.count_documents({}))
 
     async def _loop(self) -> None:
         while True:

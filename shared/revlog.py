@@ -131,6 +131,27 @@ class RevLog:
             )
         return await self._forward(start)
 
+    async def read_at(self, key: str, rev: int) -> Versioned | None:
+        """The entity as of revision ``rev`` (None if that revision is not committed): from the
+        head snapshot when it is not newer, else from the start, forward by ``_id``."""
+        cached = self._cache.get(key)
+        if cached is not None and cached.rev == rev:
+            return cached
+        head = await self.heads.find_one({"_id": key})
+        current = (
+            Versioned(key, int(head["rev"]), head.get("s"))
+            if head is not None and int(head["rev"]) <= rev
+            else Versioned(key, 0, None)
+        )
+        state = current.state
+        for number in range(current.rev + 1, rev + 1):
+            doc = await self.revs.find_one({"_id": f"{key}:{number}"})
+            if doc is None:
+                return None
+            if not doc.get("tomb"):
+                state = self._fold(state, doc["d"])
+        return Versioned(key, rev, state)
+
     async def _forward(self, current: Versioned) -> Versioned:
         rev, state = current.rev, current.state
         while True:

@@ -14,6 +14,7 @@ import pytest
 import structlog
 from yarl import URL
 
+from services.auth.repository import AuthRepository
 from shared.logs import configure_logging
 
 from .conftest import App, Stack
@@ -307,9 +308,9 @@ async def test_auth_customer_keeps_a_visitors_name(own_stack: Stack) -> None:
     client_id = reply["data"]["client_id"]
 
     async def profile() -> tuple[str, str]:
-        user = await stack.db["auth_users"].find_one({"appid": app.appid, "uid": client_id})
+        user = await AuthRepository(stack.db).user(app.appid, client_id)
         assert user is not None
-        return user["name"], user["avatar"]
+        return user.name, user.avatar
 
     status, again, _ = await stack.request(
         "POST", "/auth/customer", json={"appid": app.appid, "customer_id": "v-1"}

@@ -32,6 +32,7 @@ from shared.http import (
     empty_ok,
     parse_model,
     path_id,
+    query_id,
     read_json,
     required_query_id,
     success,
@@ -524,11 +525,18 @@ async def client_member_settings(request: web.Request) -> web.Response:
 
 
 async def internal_get_group(request: web.Request) -> web.Response:
-    """The group as it is now, for the messages service (404: none in that app)."""
+    """The group as it is now (or as of ``revision``), for the messages service (404: none in
+    that app, or that revision is not committed)."""
     require_internal(request)
     gid = path_id(request, "gid")
     appid = required_query_id(request, "appid")
-    group = await domain(request).find(appid, gid)
+    revision = query_id(request, "revision")
+    groups = domain(request)
+    group = (
+        await groups.find(appid, gid)
+        if revision is None
+        else await groups.repo.get_at(appid, gid, revision)
+    )
     if group is None:
         raise web.HTTPNotFound()
     return json_response(snapshot(group).model_dump())

@@ -359,7 +359,12 @@ class LocalGroupDirectory(GroupDirectory):
         self._domain = domain
         self._snapshots: dict[tuple[int, int], GroupSnapshot] = {}
 
-    async def get_group(self, appid: int, gid: int) -> GroupSnapshot | None:
+    async def get_group(
+        self, appid: int, gid: int, revision: int | None = None
+    ) -> GroupSnapshot | None:
+        if revision is not None:
+            at = await self._domain.repo.get_at(appid, gid, revision)
+            return snapshot(at) if at is not None else None
         group = await self._domain.find(appid, gid)
         if group is None:
             self._snapshots.pop((appid, gid), None)

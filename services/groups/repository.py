@@ -198,6 +198,11 @@ class GroupsRepository:
             self._groups[versioned.key] = group
         return group
 
+    async def get_at(self, appid: int, gid: int, revision: int) -> Group | None:
+        """The group as of ``revision`` (None: not committed, or not a live group then)."""
+        versioned = await self.log.read_at(group_key(appid, gid), revision)
+        return to_group(versioned) if versioned is not None else None
+
     async def list_for(self, appid: int, uid: int) -> list[Group]:
         mine = await self.mine.read(f"{appid}:{uid}")
         gids = mine.state["g"] if mine.state else []

@@ -355,8 +355,9 @@ class MessagesDomain:
         """Store the group notification a ``group.*`` event calls for (spec §2.6). Replays
         are no-ops: the notification's id is derived from the event's."""
         if isinstance(event, GroupMembersAdded | GroupMembersRemoved):
-            # These list only the changed members: the recipients are the members now.
-            group = await self.groups.get_group(event.appid, event.gid)
+            # These list only the changed members: the recipients are the members as of the
+            # change (asked of the groups service at the event's revision).
+            group = await self.groups.get_group(event.appid, event.gid, event.revision)
             built = member_notifications(event, group.members if group is not None else [])
             for n, (op, recipients, per_inbox) in enumerate(built):
                 await self._notify(event, f"gn-{event.event_id}-{n}", op, recipients, per_inbox)
