@@ -295,7 +295,11 @@ async def test_data_written_by_the_previous_version(mongo_url: str) -> None:
             "GET", "/messages/offline?uid=1", headers=app.server_auth
         )
         assert reply["data"]["count"] == 0
-        # Starting again finds nothing more to do; the old done post is untouched.
+        # Starting again finds nothing more to do; the old done post is untouched. (The new
+        # message is finished in the background first: wait for it.)
+        async with asyncio.timeout(15):
+            while await db[PENDING].count_documents({}):
+                await asyncio.sleep(0.1)
         await MessagesRepository(db).migrate()
         assert await db[PENDING].count_documents({}) == 0
         old_done = await db[POSTS].find_one({"_id": "old1"})
