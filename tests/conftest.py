@@ -268,7 +268,7 @@ async def allinone_stack(mode: str, settings: Settings) -> AsyncIterator[Stack]:
         await client.close()
 
 
-async def bounded(step: Awaitable[None], what: str, seconds: float = 60.0) -> None:
+async def bounded(step: Awaitable[None], what: str, seconds: float = 180.0) -> None:
     """A teardown step that must end: past ``seconds`` it fails, printing every task's stack
     (what it waits on), instead of hanging the session."""
     try:
