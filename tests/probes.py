@@ -45,7 +45,9 @@ async def call(
 async def app_documents(db: Database, appid: int) -> dict[str, int]:
     """How many documents of the app each collection holds (by an ``appid`` field, or by an
     ``_id`` that starts with the appid, as the revision logs' do)."""
-    names = sorted(await db.list_collection_names())
+    # Pending pointers (``*_pending``) are bookkeeping of changes in flight, settled by the
+    # relay in the background whenever it runs: not something a request stored.
+    names = sorted(n for n in await db.list_collection_names() if not n.endswith("_pending"))
     mine = {"$or": [{"appid": appid}, {"_id": {"$regex": f"^{appid}:"}}]}
     return {name: await db[name].count_documents(mine) for name in names}
 
