@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import aiohttp
 
 from shared.events import utcnow
 from shared.mongo import Database
+from shared.storecount import StoreCommand
 
 from .conftest import Stack
 
@@ -71,3 +72,21 @@ async def nothing_written(stack: Stack, appid: int, quiet: float = 0.3) -> Async
     # clears an outbox late): only an event that occurred in the block counts.
     assert [e for e in received if e.occurred_at >= started] == []
     assert await app_documents(stack.db, appid) == before
+
+
+async def explained_by_id(db: Database, commands: Sequence[StoreCommand]) -> set[str]:
+    """Asserts that every filter of ``commands`` is a string ``_id`` alone and that the store's
+    ``explain`` answers it from ``_id`` (``filterPushdown``); returns the collections checked.
+    Collections read but never written yet are created first (explain needs them)."""
+    existing = set(await db.list_collection_names())
+    for name in {c.collection for c in commands} - existing:
+        await db.create_collection(name)
+    checked: set[str] = set()
+    for command in commands:
+        assert command.filters, command
+        for query in command.filters:
+            assert list(query) == ["_id"] and isinstance(query["_id"], str), command
+            explained = await db.command("explain", {"find": command.collection, "filter": query})
+            assert explained["filterPushdown"] is True, (command.collection, query)
+            checked.add(command.collection)
+    return checked

@@ -31,6 +31,7 @@ from shared.events import utcnow
 from shared.storecount import BACKGROUND, STORE_COMMANDS, StoreCommand
 
 from .conftest import App, Stack, _prepared_db, allinone_stack, stack_settings
+from .probes import explained_by_id
 
 # A history read: the last key (one probe), the entries after the last whole chunk one by
 # one (at most CHUNK - 1), and whole chunks of CHUNK entries down to 1,024 entries. (A
@@ -195,19 +196,7 @@ async def test_every_query_is_an_id_lookup(local_stack: Stack) -> None:
         if c.collection.startswith("messages_") and c.name != "insert"
     ]
     assert {c.name for c in mine} == {"find", "update", "delete"}  # reads, hints, pending
-    existing = set(await stack.db.list_collection_names())
-    for name in {c.collection for c in mine} - existing:  # read but never written yet
-        await stack.db.create_collection(name)
-    checked: set[str] = set()
-    for command in mine:
-        assert command.filters, command
-        for query in command.filters:
-            assert list(query) == ["_id"] and isinstance(query["_id"], str), command
-            explained = await stack.db.command(
-                "explain", {"find": command.collection, "filter": query}
-            )
-            assert explained["filterPushdown"] is True, (command.collection, query)
-            checked.add(command.collection)
+    checked = await explained_by_id(stack.db, mine)
     assert checked >= {ENTRIES, COUNTERS, PENDING, SYNC_KEYS}
 
 
