@@ -12,10 +12,9 @@ from typing import Any
 
 import pymongo
 import structlog
-from pymongo import AsyncMongoClient, IndexModel, ReturnDocument
+from pymongo import AsyncMongoClient, IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import DuplicateKeyError
 
 from shared.metrics import STORE_LISTENER
 from shared.storecount import STORE_COMMANDS
@@ -64,18 +63,28 @@ async def ensure_indexes(db: Database, declared: Mapping[str, Sequence[IndexMode
         log.debug("indexes ready", collection=collection, count=len(indexes))
 
 
-async def next_sequence(counters: Collection, name: str, start: int = 0) -> int:
-    """The next number of a named counter (the first is ``start + 1``)."""
-    for _ in range(5):
-        try:
-            doc = await counters.find_one_and_update(
-                {"_id": name},
-                {"$inc": {"seq": 1}},
-                upsert=True,
-                return_document=ReturnDocument.AFTER,
-            )
-        except DuplicateKeyError:
-            continue  # two first uses raced to create the counter: the loser retries
-        assert doc is not None
-        return start + int(doc["seq"])
-    raise RuntimeError(f"counter {name!r} did not settle")
+# Parley's FerretDB answers ``{_id: {$in: [...]}}`` from ``_id`` up to this many values.
+IDS_PER_COMMAND = 1000
+
+
+async def by_ids(
+    collection: Collection, ids: Sequence[str], projection: Mapping[str, int] | None = None
+) -> dict[str, Document]:
+    """The documents of ``ids`` that exist, by ``_id``: one ``{_id: {$in: ids}}`` command per
+    ``IDS_PER_COMMAND`` ids (one lookup for a single id), answered from ``_id`` by MongoDB and
+    by Parley's FerretDB alike."""
+    found: dict[str, Document] = {}
+    unique = list(dict.fromkeys(ids))
+    if len(unique) == 1:
+        doc = await collection.find_one({"_id": unique[0]}, projection)
+        return {unique[0]: doc} if doc is not None else {}
+    for start in range(0, len(unique), IDS_PER_COMMAND):
+        part = unique[start : start + IDS_PER_COMMAND]
+        # The whole answer in the first reply, and the cursor closed by the server: no getMore
+        # (a first batch holds 101 documents by default; at most one document per id).
+        cursor = collection.find(
+            {"_id": {"$in": part}}, projection, limit=len(part), batch_size=len(part)
+        )
+        async for doc in cursor:
+            found[str(doc["_id"])] = doc
+    return found

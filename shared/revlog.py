@@ -24,7 +24,9 @@ reading the whole collection. So an entity (a group, a user's settings, ...) is 
 Deltas and states are plain documents; ``fold(state, delta)`` is the entity's pure function.
 State ``None`` means the entity does not exist (revision 0). Commands per change, when this
 process remembers the entity: the pointer insert and the revision insert (plus, after the
-answer, the pointer delete); a read that must be current costs one lookup of the next revision.
+answer, the pointer delete); a read that must be current costs one lookup of the next revision;
+a read of an entity this process does not remember costs two: the head, then the revisions after
+it in one ``{_id: {$in: [...]}}`` (answered from ``_id`` by MongoDB and by Parley's FerretDB).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from shared.bus import Bus
 from shared.events import Event, utcnow
-from shared.mongo import Collection, Database, Document
+from shared.mongo import Collection, Database, Document, by_ids
 
 log = structlog.get_logger("parley.revlog")
 
@@ -129,7 +131,46 @@ class RevLog:
                 if head is not None
                 else Versioned(key, 0, None)
             )
+            # The head is at most a snapshot interval behind (unless its write was lost).
+            return await self._forward(start, self._snapshot_every + 1)
         return await self._forward(start)
+
+    async def read_many(self, keys: Sequence[str]) -> dict[str, Versioned]:
+        """Each entity as of its latest committed revision, in two commands however many there
+        are (up to the store's ``$in`` batch): the heads of those this process does not
+        remember, then the revisions after each starting point."""
+        keys = list(dict.fromkeys(keys))
+        starts = {k: v for k in keys if (v := self._cache.get(k)) is not None}
+        cold = [k for k in keys if k not in starts]
+        if cold:
+            heads = await by_ids(self.heads, cold)
+            for key in cold:
+                head = heads.get(key)
+                starts[key] = (
+                    Versioned(key, int(head["rev"]), head.get("s"))
+                    if head is not None
+                    else Versioned(key, 0, None)
+                )
+        # Remembered entities have seldom moved: the next revision; cold ones a snapshot's worth.
+        windows = {k: 1 if k not in cold else self._snapshot_every + 1 for k in keys}
+        ids = [f"{k}:{starts[k].rev + n}" for k in keys for n in range(1, windows[k] + 1)]
+        found = await by_ids(self.revs, ids) if ids else {}
+        result: dict[str, Versioned] = {}
+        for key in keys:
+            rev, state = starts[key].rev, starts[key].state
+            for _ in range(windows[key]):
+                doc = found.get(f"{key}:{rev + 1}")
+                if doc is None:
+                    break
+                rev += 1
+                if not doc.get("tomb"):
+                    state = self._fold(state, doc["d"])
+            current = Versioned(key, rev, state)
+            if rev - starts[key].rev == windows[key]:  # the window was full: there may be more
+                current = await self._forward(current, self._snapshot_every + 1)
+            self._remember(current)
+            result[key] = current
+        return result
 
     async def read_at(self, key: str, rev: int) -> Versioned | None:
         """The entity as of revision ``rev`` (None if that revision is not committed): from the
@@ -144,23 +185,43 @@ class RevLog:
             else Versioned(key, 0, None)
         )
         state = current.state
-        for number in range(current.rev + 1, rev + 1):
-            doc = await self.revs.find_one({"_id": f"{key}:{number}"})
-            if doc is None:
-                return None
+        docs = await self._revisions(key, current.rev + 1, rev - current.rev)
+        if len(docs) < rev - current.rev:
+            return None
+        for doc in docs:
             if not doc.get("tomb"):
                 state = self._fold(state, doc["d"])
         return Versioned(key, rev, state)
 
-    async def _forward(self, current: Versioned) -> Versioned:
-        rev, state = current.rev, current.state
-        while True:
-            doc = await self.revs.find_one({"_id": f"{current.key}:{rev + 1}"})
+    async def _revisions(self, key: str, first: int, count: int) -> list[Document]:
+        """Revisions ``first``, ``first + 1``, ... (at most ``count``), in one command,
+        stopping before the first missing one."""
+        if count <= 0:
+            return []
+        ids = [f"{key}:{n}" for n in range(first, first + count)]
+        by_id = await by_ids(self.revs, ids)
+        found: list[Document] = []
+        for rev_id in ids:
+            doc = by_id.get(rev_id)
             if doc is None:
                 break
-            rev += 1
-            if not doc.get("tomb"):
-                state = self._fold(state, doc["d"])
+            found.append(doc)
+        return found
+
+    async def _forward(self, current: Versioned, window: int = 1) -> Versioned:
+        """From ``current``, forward to the first missing revision, ``window`` revisions per
+        command (one when the caller expects at most a few new revisions; a snapshot's worth
+        when starting from the head)."""
+        rev, state = current.rev, current.state
+        while True:
+            docs = await self._revisions(current.key, rev + 1, window)
+            for doc in docs:
+                rev += 1
+                if not doc.get("tomb"):
+                    state = self._fold(state, doc["d"])
+            if len(docs) < window:
+                break
+            window = self._snapshot_every + 1
         result = Versioned(current.key, rev, state)
         self._remember(result)
         return result

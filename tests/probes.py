@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -74,10 +74,22 @@ async def nothing_written(stack: Stack, appid: int, quiet: float = 0.3) -> Async
     assert await app_documents(stack.db, appid) == before
 
 
+def by_id_alone(query: Mapping[str, Any]) -> bool:
+    """``{_id: "..."}`` or ``{_id: {$in: ["...", ...]}}``: the filters answered from ``_id``."""
+    if list(query) != ["_id"]:
+        return False
+    value = query["_id"]
+    if isinstance(value, dict):
+        ids = value.get("$in") or []
+        return list(value) == ["$in"] and bool(ids) and all(isinstance(i, str) for i in ids)
+    return isinstance(value, str)
+
+
 async def explained_by_id(db: Database, commands: Sequence[StoreCommand]) -> set[str]:
-    """Asserts that every filter of ``commands`` is a string ``_id`` alone and that the store's
-    ``explain`` answers it from ``_id`` (``filterPushdown``); returns the collections checked.
-    Collections read but never written yet are created first (explain needs them)."""
+    """Asserts that every filter of ``commands`` is on a string ``_id`` alone (one value or an
+    ``$in`` list) and that the store's ``explain`` answers it from ``_id``
+    (``filterPushdown``); returns the collections checked. Collections read but never written
+    yet are created first (explain needs them)."""
     existing = set(await db.list_collection_names())
     for name in {c.collection for c in commands} - existing:
         await db.create_collection(name)
@@ -85,7 +97,7 @@ async def explained_by_id(db: Database, commands: Sequence[StoreCommand]) -> set
     for command in commands:
         assert command.filters, command
         for query in command.filters:
-            assert list(query) == ["_id"] and isinstance(query["_id"], str), command
+            assert by_id_alone(query), command
             explained = await db.command("explain", {"find": command.collection, "filter": query})
             assert explained["filterPushdown"] is True, (command.collection, query)
             checked.add(command.collection)

@@ -22,7 +22,6 @@ Every read and write is a lookup or an insert by a string ``_id``: nothing reads
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import Sequence
 from datetime import datetime
@@ -33,7 +32,7 @@ from pymongo.errors import DuplicateKeyError
 
 from shared.events import utcnow
 from shared.idblocks import IdBlocks
-from shared.mongo import Collection, Database, Document
+from shared.mongo import Collection, Database, Document, by_ids
 from shared.revlog import Revision, RevLog, Versioned
 
 LOG = "groups_log"
@@ -47,8 +46,6 @@ LEGACY_GROUPS = "groups_groups"
 INDEXES: dict[str, list[IndexModel]] = {}
 
 GID_BLOCK = 16
-# Up to this many names are looked up one by one; more are read with one query.
-NAME_LOOKUPS = 64
 GROUP_CACHE_SIZE = 10_000
 MIGRATED = "migrated:groups_groups"
 
@@ -185,7 +182,9 @@ class GroupsRepository:
 
     async def get(self, appid: int, gid: int) -> Group | None:
         """The live group as of its latest revision (one lookup when this process knows it)."""
-        versioned = await self.read(appid, gid)
+        return self._typed(await self.read(appid, gid))
+
+    def _typed(self, versioned: Versioned) -> Group | None:
         known = self._groups.get(versioned.key)
         if known is not None and known.revision == versioned.rev:
             return known
@@ -206,7 +205,8 @@ class GroupsRepository:
     async def list_for(self, appid: int, uid: int) -> list[Group]:
         mine = await self.mine.read(f"{appid}:{uid}")
         gids = mine.state["g"] if mine.state else []
-        groups = await asyncio.gather(*(self.get(appid, int(gid)) for gid in gids))
+        read = await self.log.read_many([group_key(appid, int(gid)) for gid in gids])
+        groups = [self._typed(versioned) for versioned in read.values()]
         return [g for g in groups if g is not None and g.is_member(uid)]
 
     async def _index_members(self, revision: Revision) -> None:
@@ -266,14 +266,7 @@ class GroupsRepository:
             return
 
     async def names(self, appid: int, uids: Sequence[int]) -> dict[int, str]:
-        keys = [f"{appid}:{uid}" for uid in dict.fromkeys(uids)]
-        if len(keys) > NAME_LOOKUPS:
-            # One query instead of thousands of lookups: on the local store it reads the
-            # whole view (its only multi-document read), on MongoDB it is an ``_id`` range.
-            docs = await self.users.find({"_id": {"$in": keys}}).to_list()
-        else:
-            found = await asyncio.gather(*(self.users.find_one({"_id": key}) for key in keys))
-            docs = [d for d in found if d is not None]
+        docs = (await by_ids(self.users, [f"{appid}:{uid}" for uid in uids])).values()
         return {int(d["uid"]): str(d.get("name", "")) for d in docs}
 
 

@@ -58,7 +58,7 @@ import structlog
 from pymongo import DeleteOne, IndexModel, UpdateOne
 from pymongo.errors import BulkWriteError, CollectionInvalid, DuplicateKeyError
 
-from shared.mongo import Collection, Database, Document
+from shared.mongo import Collection, Database, Document, by_ids
 
 log = structlog.get_logger("parley.messages")
 
@@ -92,6 +92,10 @@ MAX_ROUNDS = 1_000
 READS_AT_ONCE = 4
 RECENT_CHUNKS = 2_000
 FLUSH_INTERVAL = 0.05
+# Keys read past the last one known, in one command: this process's own knowledge is seldom
+# behind; a hint is raised in the background, a few batches behind a busy inbox.
+PROBE = 8
+PROBE_COLD = 64
 PENDING_BATCH = 1000
 SCHEMA_ID = "~schema"
 SCHEMA_VERSION = 2
@@ -108,6 +112,8 @@ def group_queue(gid: int) -> str:
 def entry_id(appid: int, owner: str, key: int) -> str:
     return f"{appid}:{owner}:{key}"
 
+
+Fetched = dict[int, Document]  # entries by key, as read
 
 # ---- models ---------------------------------------------------------------------------------
 
@@ -276,7 +282,7 @@ class MessagesRepository:
 
     async def plan(self, appid: int, owners: Iterable[str]) -> dict[str, int]:
         """For each inbox, a key at or below the next free one: where an append starts. From
-        what this process knows, else from the inbox's hint (one ``_id`` read each)."""
+        what this process knows, else from the inboxes' hints (one ``$in`` for all)."""
         plan: dict[str, int] = {}
         cold: list[str] = []
         for owner in owners:
@@ -286,8 +292,10 @@ class MessagesRepository:
             else:
                 plan[owner] = known
         if cold:
-            hints = await asyncio.gather(*(self._hint(f"{appid}:{o}") for o in cold))
-            plan |= {owner: hint + 1 for owner, hint in zip(cold, hints, strict=True)}
+            hints = await by_ids(self.counters, [f"{appid}:{o}" for o in cold], {"seq": 1})
+            for owner in cold:
+                hint = hints.get(f"{appid}:{owner}")
+                plan[owner] = int(hint.get("seq", 0)) + 1 if hint else 1
         return plan
 
     async def _by_id(
@@ -463,28 +471,56 @@ class MessagesRepository:
     # ---- reading ----
 
     async def last_key(self, appid: int, owner: str) -> int:
-        """The inbox's last committed key (0: empty): from what this process knows or the
-        hint, then forward by ``_id`` to the first free key (usually one read)."""
+        """The inbox's last committed key (0: empty), in one command when this process knows
+        the inbox (two when it starts from the hint)."""
+        last, _ = await self._tail(appid, owner, entries=False)
+        return last
+
+    async def _tail(self, appid: int, owner: str, *, entries: bool) -> tuple[int, Fetched]:
+        """(the last committed key, the entries read on the way). From what this process knows
+        or the hint, the keys after it are read by ``_id`` (``PROBE`` or ``PROBE_COLD`` at a
+        time) up to the first missing one; with ``entries``, the same command also reads the
+        open chunk's entries below that point which this process does not hold (a history
+        needs them)."""
         inbox = f"{appid}:{owner}"
-        key = self._next.get(inbox)
-        if key is None:
-            key = await self._hint(inbox) + 1
-        while await self.entries.find_one({"_id": entry_id(appid, owner, key)}, {"_id": 1}):
-            key += 1
+        start = self._next.get(inbox)
+        probe = PROBE
+        if start is None:
+            start, probe = await self._hint(inbox) + 1, PROBE_COLD
+        lo = start
+        if entries:
+            first = (start - 1) // CHUNK * CHUNK + 1  # the chunk the next key falls in
+            run = self._open.get(inbox) or []
+            held = run[-1]["key"] if run and run[0]["key"] == first else first - 1
+            lo = min(start, held + 1)
+        fields = None if entries else {"_id": 1}
+        fetched: Fetched = {}
+        hi = start + probe
+        while True:
+            ids = [entry_id(appid, owner, k) for k in range(lo, hi)]
+            for doc_id, doc in (await by_ids(self.entries, ids, fields)).items():
+                fetched[int(doc_id.rpartition(":")[2])] = doc
+            key = start
+            while key in fetched:
+                key += 1
+            if key < hi:
+                break
+            lo, start, hi = hi, key, key + CHUNK  # more than a probe's worth is new
         self._remember(inbox, key)
-        return key - 1
+        return key - 1, fetched if entries else {}
 
     async def page(self, appid: int, owner: str, after: int, limit: int) -> list[Entry]:
         """Entries with key > ``after``, oldest first, up to ``limit``, stopping at a gap."""
-        last = await self.last_key(appid, owner)
+        last, fetched = await self._tail(appid, owner, entries=True)
         if last <= after or limit <= 0:
             return []
-        return await self._range(appid, owner, after + 1, min(after + limit, last), last)
+        return await self._range(appid, owner, after + 1, min(after + limit, last), last, fetched)
 
     async def latest(self, appid: int, owner: str, cmds: Sequence[int], limit: int) -> list[Entry]:
-        """The newest ``limit`` entries of the given kinds, oldest first: read a chunk at a
-        time from the last key down."""
-        last = await self.last_key(appid, owner)
+        """The newest ``limit`` entries of the given kinds, oldest first: a chunk-aligned
+        range from the last key down, in whole chunks, widened while kinds not wanted leave
+        fewer than ``limit``."""
+        last, fetched = await self._tail(appid, owner, entries=True)
         wanted = set(cmds)
         found: list[Entry] = []
         hi = last
@@ -492,72 +528,83 @@ class MessagesRepository:
             # Enough keys for what is missing if they are all of the wanted kinds, in whole
             # chunks (the one holding the last key may be partial).
             lo = max(1, (hi - (limit - len(found))) // CHUNK * CHUNK + 1)
-            part = await self._range(appid, owner, lo, hi, last)
+            part = await self._range(appid, owner, lo, hi, last, fetched)
             found.extend(e for e in reversed(part) if e.cmd in wanted)
             hi = lo - 1
         return found[:limit][::-1]
 
-    async def _range(self, appid: int, owner: str, lo: int, hi: int, last: int) -> list[Entry]:
+    async def _range(
+        self, appid: int, owner: str, lo: int, hi: int, last: int, fetched: Fetched
+    ) -> list[Entry]:
         """Entries ``lo`` .. ``hi`` (all committed: ``hi <= last``), stopping at a missing
-        one: whole chunks where the chunk is complete, else the open chunk's entries this
-        process stored (entries never change, so what it holds is what is stored), else
-        single entries."""
+        one. Complete chunks come from this process's recent chunks or their copies (one
+        ``$in`` for all of them), the open chunk from what this process stored or ``fetched``,
+        then single entries (one ``$in``). Entries never change, so what is held is what is
+        stored."""
         inbox = f"{appid}:{owner}"
-        reads: list[Any] = []
+        docs: dict[int, Document] = dict(fetched)
+        complete: list[int] = []
         for n in range((lo - 1) // CHUNK, (hi - 1) // CHUNK + 1):
             first, end = n * CHUNK + 1, (n + 1) * CHUNK
             if end <= last:
-                reads.append(self._chunk(appid, owner, n))
+                kept = self._recent.get(f"{inbox}:{n}")
+                if kept is not None:
+                    docs.update((int(e["key"]), e) for e in kept)
+                elif any(k not in docs for k in range(max(first, lo), min(end, hi) + 1)):
+                    complete.append(n)
                 continue
             run = self._open.get(inbox, [])
-            held = [Entry.from_doc(appid, owner, d) for d in run if run[0]["key"] == first]
-            reads.append(_ready(held))
-            after = held[-1].key if held else first - 1
-            reads.extend(self._entry(appid, owner, k) for k in range(max(after + 1, lo), hi + 1))
-        parts = await asyncio.gather(*reads)
+            if run and run[0]["key"] == first:
+                docs.update((int(e["key"]), e) for e in run)
+        if complete:
+            await self._chunks(appid, owner, complete, docs)
+        missing = [k for k in range(lo, hi + 1) if k not in docs]
+        if missing:
+            read = await by_ids(self.entries, [entry_id(appid, owner, k) for k in missing])
+            docs.update((int(d["key"]), d) for d in read.values())
         out: list[Entry] = []
-        expected = lo
-        for part in parts:
-            for entry in part if isinstance(part, list) else [part]:
-                if entry is None or entry.key > hi:
-                    return out
-                if entry.key < expected:
-                    continue
-                if entry.key != expected:
-                    return out
-                out.append(entry)
-                expected += 1
+        for key in range(lo, hi + 1):
+            doc = docs.get(key)
+            if doc is None:
+                break
+            out.append(Entry.from_doc(appid, owner, doc))
         return out
 
-    async def _entry(self, appid: int, owner: str, key: int) -> Entry | None:
-        doc = await self._by_id(self.entries, entry_id(appid, owner, key))
-        return Entry.from_doc(appid, owner, doc) if doc else None
-
-    async def _chunk(self, appid: int, owner: str, n: int) -> list[Entry | None]:
-        """The 32 entries of chunk ``n`` (all committed): from this process's recent chunks,
-        else its copy, made now if missing."""
-        chunk_id = f"{appid}:{owner}:{n}"
-        kept = self._recent.get(chunk_id)
-        if kept is None:
-            doc = await self._by_id(self.chunks, chunk_id)
-            if doc is not None:
-                kept = doc["entries"]
-        if kept is None:
-            keys = range(n * CHUNK + 1, (n + 1) * CHUNK + 1)
-            docs = await asyncio.gather(
-                *(self._by_id(self.entries, entry_id(appid, owner, k)) for k in keys)
-            )
-            if any(d is None for d in docs):
-                return [Entry.from_doc(appid, owner, d) if d else None for d in docs]
+    async def _chunks(
+        self, appid: int, owner: str, numbers: list[int], docs: dict[int, Document]
+    ) -> None:
+        """Add the entries of complete chunks ``numbers`` to ``docs``: from their copies (one
+        ``$in``), and the copies missing made now from the entries (one ``$in``, one insert)."""
+        inbox = f"{appid}:{owner}"
+        copies = await by_ids(self.chunks, [f"{inbox}:{n}" for n in numbers])
+        absent: list[int] = []
+        for n in numbers:
+            copy = copies.get(f"{inbox}:{n}")
+            if copy is None:
+                absent.append(n)
+                continue
+            self._keep_chunk(f"{inbox}:{n}", copy["entries"])
+            docs.update((int(e["key"]), e) for e in copy["entries"])
+        if not absent:
+            return
+        keys = [k for n in absent for k in range(n * CHUNK + 1, (n + 1) * CHUNK + 1)]
+        read = await by_ids(self.entries, [entry_id(appid, owner, k) for k in keys])
+        by_key = {int(d["key"]): d for d in read.values()}
+        made: list[Document] = []
+        for n in absent:
+            entries = [by_key.get(k) for k in range(n * CHUNK + 1, (n + 1) * CHUNK + 1)]
             kept = [
                 {k: v for k, v in d.items() if k not in ("_id", "appid", "owner")}
-                for d in docs
-                if d
+                for d in entries
+                if d is not None
             ]
-            with contextlib.suppress(DuplicateKeyError):  # another reader made it: the same
-                await self.chunks.insert_one({"_id": chunk_id, "entries": kept})
-        self._keep_chunk(chunk_id, kept)
-        return [Entry.from_doc(appid, owner, e) for e in kept]
+            docs.update((int(e["key"]), e) for e in kept)
+            if len(kept) == CHUNK:  # all committed (the caller knows): made once, by insert
+                made.append({"_id": f"{inbox}:{n}", "entries": kept})
+                self._keep_chunk(f"{inbox}:{n}", kept)
+        if made:
+            with contextlib.suppress(BulkWriteError):  # another reader made some: the same
+                await self.chunks.insert_many(made, ordered=False)
 
     def _keep_chunk(self, chunk_id: str, entries: list[Document]) -> None:
         self._recent[chunk_id] = entries
@@ -742,10 +789,6 @@ class MessagesRepository:
                 {"_id": SCHEMA_ID}, {"$set": {"version": SCHEMA_VERSION}}, upsert=True
             )
         log.info("messages storage migrated", pending_posts=moved, sync_keys=synced)
-
-
-async def _ready(entries: list[Entry]) -> list[Entry]:
-    return entries
 
 
 def keys_of(keys: dict[str, int], prefix: str = "u:") -> list[dict[str, Any]]:
