@@ -23,6 +23,7 @@ from shared.mongo import Document
 from shared.web import Deps
 
 from .conftest import Stack, basic, stack_settings
+from .probes import by_id_alone
 
 PREFIXES = ("auth_", "customer_")
 
@@ -63,9 +64,7 @@ def by_string_id(command: tuple[str, str, list[Any]]) -> bool:
     name, _, filters = command
     if name == "insert":
         return True
-    return bool(filters) and all(
-        isinstance(f, dict) and list(f) == ["_id"] and isinstance(f["_id"], str) for f in filters
-    )
+    return bool(filters) and all(isinstance(f, dict) and by_id_alone(f) for f in filters)
 
 
 @pytest.fixture(scope="module")

@@ -65,6 +65,10 @@ CMD_SYSTEM = 21
 CMD_CUSTOMER = 64
 HISTORY_CMDS = (CMD_PEER, CMD_GROUP, CMD_CUSTOMER)
 HISTORY_LIMIT = 1024
+# Notifications of one member change are stored and announced in batches of this many posts,
+# and of at most this many recipients in all.
+BATCH_POSTS = 500
+BATCH_RECIPIENTS = 200_000
 GROUP_NO_MEMBER = "group no member"
 
 
@@ -101,6 +105,51 @@ class MessagesDomain:
             post = existing
         await self._complete(post, rid, now=derived)
         return post
+
+    async def post_derived(self, posts: list[Post]) -> None:
+        """Several posts derived from one event (one app), stored and announced in order with
+        a few commands for all of them: which are done already, the pending list, the entries
+        (one ordered insert), the events, the log. Replays skip what is done; a post found
+        pending (a crash mid-way) is finished as it was recorded."""
+        if not posts:
+            return
+        done = await self.repo.done_posts([p.id for p in posts])
+        todo = [p for p in posts if p.id not in done]
+        if not todo:
+            return
+        placements = [self._placement(p) for p in todo]
+        plan = await self.repo.plan(todo[0].appid, {o for owners, _ in placements for o in owners})
+        for post, (owners, _) in zip(todo, placements, strict=True):
+            post.plan = {o: plan[o] for o in owners}
+        existing = await self.repo.insert_pending_many(todo)
+        todo = [existing.get(p.id, p) for p in todo]
+        for post in todo:
+            self._in_flight[post.id] = self._in_flight.get(post.id, 0) + 1
+        try:
+            items = [
+                (o, p.id, f) for p, (o, f) in zip(todo, map(self._placement, todo), strict=True)
+            ]
+            keys = await self.repo.append_batch(todo[0].appid, items, plan)
+            for post in todo:
+                post.keys = keys[post.id]
+            if self.bus is None:
+                return  # a process without a broker: a running service's recovery announces them
+            announced: list[Post] = []
+            for post in todo:
+                try:
+                    await self.bus.publish_event(self._event(post, post.keys))
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # durable as pending: the recovery loop announces it
+                    log.warning("publish failed; recovery will retry", msg=post.id, error=repr(exc))
+                    break
+                announced.append(post)
+            await self.repo.finish_now(announced)
+        finally:
+            for post in todo:
+                self._in_flight[post.id] -= 1
+                if not self._in_flight[post.id]:
+                    del self._in_flight[post.id]
 
     async def _complete(self, post: Post, rid: str, *, now: bool = False) -> None:
         self._in_flight[post.id] = self._in_flight.get(post.id, 0) + 1
@@ -359,8 +408,16 @@ class MessagesDomain:
             # change (asked of the groups service at the event's revision).
             group = await self.groups.get_group(event.appid, event.gid, event.revision)
             built = member_notifications(event, group.members if group is not None else [])
-            for n, (op, recipients, per_inbox) in enumerate(built):
-                await self._notify(event, f"gn-{event.event_id}-{n}", op, recipients, per_inbox)
+            posts = [
+                self._notification(event, f"gn-{event.event_id}-{n}", op, recipients, per_inbox)
+                for n, (op, recipients, per_inbox) in enumerate(built)
+                if recipients
+            ]
+            # Batches of at most BATCH_RECIPIENTS recipients in all (each post lists them).
+            each = max((len(p.recipients) for p in posts), default=1)
+            size = max(1, min(BATCH_POSTS, BATCH_RECIPIENTS // each))
+            for start in range(0, len(posts), size):
+                await self.post_derived(posts[start : start + size])
             return
         if not isinstance(event, GroupEvent):
             return
@@ -378,21 +435,24 @@ class MessagesDomain:
     ) -> None:
         if not recipients:
             return  # nobody to notify (e.g. a group created empty): best effort, as the spec says
-        await self.post(
-            Post(
-                id=msg_id,
-                appid=event.appid,
-                kind="group_notification",
-                content=dumps(op),
-                timestamp=event.timestamp,
-                created_at=utcnow(),
-                gid=event.gid,
-                super=event.super,
-                per_inbox=per_inbox,
-                recipients=recipients,
-                cause=event.event_id,
-            ),
-            derived=True,
+        await self.post(self._notification(event, msg_id, op, recipients, per_inbox), derived=True)
+
+    @staticmethod
+    def _notification(
+        event: GroupChange, msg_id: str, op: dict[str, Any], recipients: list[int], per_inbox: bool
+    ) -> Post:
+        return Post(
+            id=msg_id,
+            appid=event.appid,
+            kind="group_notification",
+            content=dumps(op),
+            timestamp=event.timestamp,
+            created_at=utcnow(),
+            gid=event.gid,
+            super=event.super,
+            per_inbox=per_inbox,
+            recipients=recipients,
+            cause=event.event_id,
         )
 
     # ---- reads ----

@@ -85,6 +85,8 @@ CHUNK = 32
 # FerretDB 1.24 (SQLite) stops answering altogether when one update command carries 100 or
 # more updates of existing documents: every batched update or delete stays below that.
 WRITE_BATCH = 50
+INSERT_BATCH = 1000
+MAX_BATCH_ROUNDS = 3
 KEY_CACHE_SIZE = 100_000
 OPEN_CHUNKS = 10_000
 APPENDED_SIZE = 2_000
@@ -378,6 +380,123 @@ class MessagesRepository:
         self._schedule()
         return keys
 
+    async def append_batch(
+        self, appid: int, items: Sequence[tuple[Sequence[str], str, Document]], plan: dict[str, int]
+    ) -> dict[str, dict[str, int]]:
+        """Store several messages in order, each in its inboxes (``(owners, msg_id, fields)``);
+        returns each message's keys. The messages get consecutive keys in each inbox, written
+        by one ordered insert (the store stops at the first refusal, as MongoDB does and
+        Parley's FerretDB build does: see tools/ferretdb/build.sh). After a refusal (another
+        replica's entry at a key, or a message stored before, e.g. a replay after a crash) the
+        inboxes are read forward from the plan, ``PROBE_COLD`` keys per command, to find the
+        messages already there and the first free keys, and the rest is inserted again.
+        ``plan`` as for ``append``."""
+        owners = sorted({o for item in items for o in item[0]})
+        known = dict(plan)
+        unplanned = [o for o in owners if o not in known]
+        if unplanned:
+            known |= await self.plan(appid, unplanned)
+        keys: dict[str, dict[str, int]] = {msg_id: {} for _, msg_id, _ in items}
+        wanted = {msg_id: sorted(set(o)) for o, msg_id, _ in items}
+        async with contextlib.AsyncExitStack() as held:
+            for owner in owners:
+                await held.enter_async_context(self._lock(f"{appid}:{owner}"))
+            nxt = {o: max(known[o], self._next.get(f"{appid}:{o}", 0)) for o in owners}
+            cold = {o: k for o, k in nxt.items() if f"{appid}:{o}" not in self._next}
+            if cold:
+                nxt |= (await self._scan(appid, cold, set(), PROBE_COLD))[0]
+            for _ in range(MAX_BATCH_ROUNDS):
+                docs: list[Document] = []
+                for _, msg_id, fields in items:
+                    for owner in wanted[msg_id]:
+                        if owner not in keys[msg_id]:
+                            docs.append(self._entry_doc(appid, owner, nxt[owner], msg_id, fields))
+                            nxt[owner] += 1
+                written = await self._insert_ordered(docs)
+                for doc in docs[:written]:
+                    self._stored(appid, doc)
+                    keys[doc["msg"]][doc["owner"]] = doc["key"]
+                if written == len(docs):
+                    break
+                missing = {m for m, done in keys.items() if len(done) < len(wanted[m])}
+                starts = {o: known[o] for m in missing for o in wanted[m] if o not in keys[m]}
+                nxt_found, located = await self._scan(appid, starts, missing, PROBE_COLD)
+                nxt |= nxt_found
+                for (owner, msg_id), key in located.items():
+                    keys[msg_id][owner] = key
+                    self._remember(f"{appid}:{owner}", key + 1)
+            for msg_id, done in keys.items():
+                self._appended[f"{appid}:{msg_id}"] = done
+                self._appended.move_to_end(f"{appid}:{msg_id}")
+            while len(self._appended) > APPENDED_SIZE:
+                self._appended.popitem(last=False)
+        self._schedule()
+        for item_owners, msg_id, fields in items:  # still refused (heavy contention): singly
+            if len(keys[msg_id]) < len(wanted[msg_id]):
+                keys[msg_id] = await self.append(appid, item_owners, msg_id, fields, known)
+        return keys
+
+    @staticmethod
+    def _entry_doc(appid: int, owner: str, key: int, msg_id: str, fields: Document) -> Document:
+        return {
+            "_id": entry_id(appid, owner, key),
+            "appid": appid,
+            "owner": owner,
+            "key": key,
+            "msg": msg_id,
+            **fields,
+        }
+
+    def _stored(self, appid: int, doc: Document) -> None:
+        """Bookkeeping for an entry this process has just stored."""
+        inbox = f"{appid}:{doc['owner']}"
+        key = int(doc["key"])
+        self._remember(inbox, key + 1)
+        self._hints[inbox] = max(key, self._hints.get(inbox, 0))
+        self._gather(inbox, {k: v for k, v in doc.items() if k not in ("_id", "appid", "owner")})
+
+    async def _scan(
+        self, appid: int, starts: dict[str, int], msgs: set[str], window: int
+    ) -> tuple[dict[str, int], dict[tuple[str, str], int]]:
+        """Read each inbox forward from its start to its first free key (keys are dense),
+        ``window`` keys of every inbox per command: (the first free keys, where each of
+        ``msgs`` was found, by (inbox, msg))."""
+        free = dict(starts)
+        located: dict[tuple[str, str], int] = {}
+        todo = dict(starts)
+        fields = {"msg": 1} if msgs else {"_id": 1}
+        while todo:
+            ids = [entry_id(appid, o, k) for o, s in todo.items() for k in range(s, s + window)]
+            found = await by_ids(self.entries, ids, fields)
+            more: dict[str, int] = {}
+            for owner, start in todo.items():
+                key = start
+                while key < start + window and (doc := found.get(entry_id(appid, owner, key))):
+                    if doc.get("msg") in msgs:
+                        located[(owner, str(doc["msg"]))] = key
+                    key += 1
+                free[owner] = key
+                if key == start + window:
+                    more[owner] = key
+            todo = more
+        return free, located
+
+    async def _insert_ordered(self, docs: list[Document]) -> int:
+        """Insert ``docs`` in order, stopping at the first duplicate key; returns how many
+        were written (a prefix). Batches stay below the store's command size."""
+        written = 0
+        for start in range(0, len(docs), INSERT_BATCH):
+            part = docs[start : start + INSERT_BATCH]
+            try:
+                await self.entries.insert_many(part, ordered=True)
+            except BulkWriteError as exc:
+                errors = exc.details.get("writeErrors", [])
+                if not errors or any(e.get("code") != DUPLICATE_KEY for e in errors):
+                    raise
+                return written + int(errors[0]["index"])
+            written += len(part)
+        return written
+
     def _gather(self, inbox: str, entry: Document) -> None:
         """Keep the entries this process stores one after another in an inbox's open chunk;
         once it holds the whole chunk, its copy is written in the background (so readers
@@ -438,13 +557,19 @@ class MessagesRepository:
         if it is free, the refusal came from the message being stored below ``start`` (only
         a post written by an older version, which recorded no plan): found by its ``msg``."""
         key = start
-        while True:
-            doc = await self._by_id(self.entries, entry_id(appid, owner, key), {"msg": 1})
-            if doc is None:
-                break
-            if doc.get("msg") == msg_id:
-                return True, key
-            key += 1
+        while True:  # PROBE_COLD keys per command
+            ids = [entry_id(appid, owner, k) for k in range(key, key + PROBE_COLD)]
+            found = await by_ids(self.entries, ids, {"msg": 1})
+            for doc_id in ids:
+                doc = found.get(doc_id)
+                if doc is None:
+                    break
+                if doc.get("msg") == msg_id:
+                    return True, key
+                key += 1
+            else:
+                continue
+            break
         if key != refused:
             return False, key
         log.warning("message stored below its plan; looking it up", msg=msg_id, owner=owner)
@@ -649,6 +774,24 @@ class MessagesRepository:
             doc = await self.pending.find_one({"_id": post.id})
             return Post.from_doc(doc) if doc else None
 
+    async def done_posts(self, post_ids: Sequence[str]) -> set[str]:
+        """Which of the posts are done (one ``$in``)."""
+        found = await by_ids(self.posts, post_ids, {"state": 1})
+        return {i for i, doc in found.items() if doc.get("state") == "done"}
+
+    async def insert_pending_many(self, posts: Sequence[Post]) -> dict[str, Post]:
+        """Record several messages in flight; returns those already there, by id."""
+        try:
+            await self.pending.insert_many([p.doc() for p in posts], ordered=False)
+            return {}
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            if any(e.get("code") != DUPLICATE_KEY for e in errors):
+                raise
+            ids = [posts[e["index"]].id for e in errors]
+        found = await by_ids(self.pending, ids)
+        return {i: Post.from_doc(doc) for i, doc in found.items()}
+
     async def done_post(self, post_id: str) -> Post | None:
         """The post if it is done (stored everywhere and announced)."""
         doc = await self.posts.find_one({"_id": post_id})
@@ -667,6 +810,17 @@ class MessagesRepository:
             return
         self._finished[post.id] = doc
         self._schedule()
+
+    async def finish_now(self, posts: Sequence[Post]) -> None:
+        """Record ``posts`` as done and take them off the pending list, now."""
+        finished: dict[str, Document] = {}
+        for post in posts:
+            post.state = "done"
+            doc = post.doc()
+            doc.pop("plan", None)
+            finished[post.id] = doc
+        if finished:
+            await self._write_finished(finished)
 
     def finishing(self, post_id: str) -> bool:
         return post_id in self._finished
