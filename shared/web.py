@@ -42,7 +42,7 @@ from shared.internal import (
 from shared.jsonio import json_response
 from shared.logs import request_context_middleware
 from shared.metrics import backlog_probes, metrics_handler, observe_middleware
-from shared.mongo import Collection, Database, ensure_indexes, make_client, ping
+from shared.mongo import Database, ensure_indexes, make_client, ping
 from shared.outbox import OutboxRelay
 from shared.revlog import RevLog
 from shared.routing import ROUTES, routes_for
@@ -323,21 +323,16 @@ def verifier_ctx(deps: Deps) -> CleanupCtx:
     return ctx
 
 
-def outbox_ctx(
-    collections: Callable[[Database], Sequence[Collection]],
-    revlogs: Callable[[web.Application], Sequence[RevLog]] = lambda app: (),
-) -> CleanupCtx:
-    """Runs the outbox relay over the service's collections that carry outboxes and its
-    revision logs."""
+def outbox_ctx(revlogs: Callable[[web.Application], Sequence[RevLog]]) -> CleanupCtx:
+    """Runs the outbox relay over the service's revision logs."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         settings = app[SETTINGS]
         relay = OutboxRelay(
-            collections(app[DB]),
+            revlogs(app),
             app[BUS],
             interval=settings.outbox_relay_interval,
             grace=settings.outbox_grace,
-            revlogs=revlogs(app),
         )
         app[RELAY] = relay
         backlog_probes(app).append(relay.measure_backlog)

@@ -79,7 +79,7 @@ async def test_a_request_cancelled_after_its_write_still_gets_its_event(stack: S
             await asyncio.sleep(0.01)
     task.cancel()  # the client went away between the write and the publish
     async with stack.recorder(app.appid) as events:
-        relay = OutboxRelay([], stack.bus, interval=60, grace=0, revlogs=repo.revlogs())
+        relay = OutboxRelay(repo.revlogs(), stack.bus, interval=60, grace=0)
         assert await relay.run_once() in (0, 1)  # the services' relay may have been first
         received = await events.wait_for(1)
         assert [type(e) for e in received] == [TokenGranted]

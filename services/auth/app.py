@@ -213,7 +213,7 @@ def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
             database_ctx(deps, INDEXES),
             bus_ctx(deps, SERVICE),
             domain_ctx,
-            outbox_ctx(lambda db: (), lambda app: app[AUTH].repo.revlogs()),
+            outbox_ctx(lambda app: app[AUTH].repo.revlogs()),
         ]
     )
     return app

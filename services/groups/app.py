@@ -690,7 +690,7 @@ def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
             bus_ctx(deps, SERVICE),
             verifier_ctx(deps),
             domain_ctx,
-            outbox_ctx(lambda db: (), lambda app: [app[GROUPS].repo.log]),
+            outbox_ctx(lambda app: [app[GROUPS].repo.log]),
         ]
     )
     return app
