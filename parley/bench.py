@@ -22,7 +22,7 @@ from parley.benchcost import CostMeter, preload
 from shared.bus import RabbitBus
 from shared.events import Event, GroupMessage, PeerMessage, TokenGranted
 
-FAMILIES = ("grant", "groups", "peer", "group", "history")
+FAMILIES = ("grant", "regrant", "groups", "create", "peer", "group", "history", "offline")
 GROUP_SIZE = 500
 
 
@@ -202,7 +202,7 @@ class Bench:
 
     async def setup(self, families: list[str]) -> dict[str, Any]:
         state: dict[str, Any] = {"tokens": []}
-        if "history" in families or "grant" in families:
+        if {"history", "grant", "regrant"} & set(families):
             for uid in range(1, 201):
                 self.note(f"granting tokens {uid}/200", done=uid == 200)
                 status, body = await self.call(
@@ -299,6 +299,44 @@ class Bench:
                     headers=self.server,
                 )
                 return status, f"grant:{uid}:{tag}{n}"
+
+        elif name == "regrant":  # an existing user, nothing changed: the token is read back
+
+            async def one(w: int, n: int) -> tuple[int, str | None]:
+                uid = 1 + n % 200
+                status, _ = await self.call(
+                    "POST",
+                    "/auth/grant",
+                    json={"uid": uid, "user_name": f"u{uid}"},
+                    headers=self.server,
+                )
+                return status, None
+
+        elif name == "create":  # a 10-member group
+
+            async def one(w: int, n: int) -> tuple[int, str | None]:
+                first = 1 + (n * 10) % 100_000
+                status, body = await self.call(
+                    "POST",
+                    "/groups",
+                    json={
+                        "master": first,
+                        "name": f"c{n}",
+                        "members": list(range(first, first + 10)),
+                    },
+                    headers=self.server,
+                )
+                if status == 200:
+                    self.groups.append(json.loads(body)["data"]["group_id"])
+                return status, None
+
+        elif name == "offline":
+
+            async def one(w: int, n: int) -> tuple[int, str | None]:
+                status, _ = await self.call(
+                    "GET", f"/messages/offline?uid={1 + n % 200}", headers=self.server
+                )
+                return status, None
 
         elif name == "groups":
             gid = state["churn_group"]
