@@ -95,8 +95,9 @@ READS_AT_ONCE = 4
 RECENT_CHUNKS = 2_000
 FLUSH_INTERVAL = 0.05
 # Keys read past the last one known, in one command: this process's own knowledge is seldom
-# behind; a hint is raised in the background, a few batches behind a busy inbox.
-PROBE = 8
+# behind (one lookup, the cheapest command; then a chunk's worth at a time); a hint is raised
+# in the background, a few batches behind a busy inbox.
+PROBE = 1
 PROBE_COLD = 64
 PENDING_BATCH = 1000
 SCHEMA_ID = "~schema"
