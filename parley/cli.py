@@ -99,15 +99,22 @@ def _run_app(app: web.Application, settings: Settings) -> None:
 # ---- parley run ---------------------------------------------------------------------------
 
 
+def _local_store(args: argparse.Namespace) -> str:
+    """``--local-store``, else ``PARLEY_LOCAL_STORE``, else SQLite."""
+    return str(args.local_store or Settings().local_store)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     store: EmbeddedStore | None = None
     extra: dict[str, Any] = {}
     if args.mongo_url is None:
         data_dir = private_dir(Path(args.data).resolve(), files=False)
+        private_cluster = _local_store(args) == "postgresql" and not args.ferretdb_postgresql_url
         store = EmbeddedStore(
             data_dir / "mongo",
             args.embedded_mongo_addr,
             postgresql_url=args.ferretdb_postgresql_url,
+            postgres_dir=data_dir / "postgres" if private_cluster else None,
         )
         try:
             store.start()
@@ -251,7 +258,7 @@ def cmd_gateway_config(args: argparse.Namespace) -> int:
 def cmd_cluster(args: argparse.Namespace) -> int:
     """Distributed Parley on this machine: its own FerretDB and RabbitMQ unless given."""
     from parley.cluster import start_cluster
-    from parley.servers import free_port, start_rabbitmq
+    from parley.servers import free_port, start_postgres, start_rabbitmq
 
     configure_logging(level="warning")
     data = private_dir(Path(args.data).resolve(), files=False)
@@ -259,11 +266,13 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     try:
         mongo_url = args.mongo_url
         if mongo_url is None:
+            postgresql_url = args.ferretdb_postgresql_url
+            if _local_store(args) == "postgresql" and not postgresql_url:
+                started.append(start_postgres(data / "postgres"))
+                postgresql_url = started[-1].extra["url"]
             started.append(
                 start_ferretdb(
-                    data / "mongo",
-                    args.embedded_mongo_addr,
-                    postgresql_url=args.ferretdb_postgresql_url,
+                    data / "mongo", args.embedded_mongo_addr, postgresql_url=postgresql_url
                 )
             )
             mongo_url = f"mongodb://{args.embedded_mongo_addr}/"
@@ -538,6 +547,12 @@ class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 ENV_HTTP = "default: $PARLEY_HTTP_ADDR or 127.0.0.1:8080"
 ENV_MONGO = f"default: $PARLEY_MONGO_URL or {EMBEDDED_MONGO_URL}"
+LOCAL_STORES = ("sqlite", "postgresql")
+LOCAL_STORE_HELP = (
+    "where the embedded FerretDB keeps its data: SQLite files under DATA/mongo, or a private "
+    "PostgreSQL cluster under DATA/postgres, started and stopped with Parley "
+    "(default: $PARLEY_LOCAL_STORE or sqlite)"
+)
 
 
 def _sub(sub: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
@@ -575,10 +590,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the embedded FerretDB listens",
     )
     run.add_argument(
+        "--local-store",
+        choices=LOCAL_STORES,
+        default=None,
+        help=LOCAL_STORE_HELP,
+    )
+    run.add_argument(
         "--ferretdb-postgresql-url",
         default=None,
-        help="store the embedded FerretDB's data in this PostgreSQL database "
-        "(default: SQLite files under DATA/mongo)",
+        help="store the embedded FerretDB's data in this existing PostgreSQL database instead "
+        "(default: as --local-store says)",
     )
     run.set_defaults(func=cmd_run)
 
@@ -638,10 +659,12 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument(
         "--embedded-mongo-addr", default=EMBEDDED_MONGO_ADDR, help="where its FerretDB listens"
     )
+    cluster.add_argument("--local-store", choices=LOCAL_STORES, default=None, help=LOCAL_STORE_HELP)
     cluster.add_argument(
         "--ferretdb-postgresql-url",
         default=None,
-        help="its FerretDB's PostgreSQL database (default: SQLite files under DATA/mongo)",
+        help="its FerretDB's data in this existing PostgreSQL database instead "
+        "(default: as --local-store says)",
     )
     cluster.set_defaults(func=cmd_cluster)
 
