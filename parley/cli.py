@@ -304,7 +304,8 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
 
 def _cost_meter(args: argparse.Namespace) -> CostMeter | None:
-    """The processes to watch: ``--watch NAME=PID`` and ``--watch-port NAME=PORT``; by
+    """The processes to watch: ``--watch NAME=PID``, ``--watch-tree NAME=PID`` and
+    ``--watch-port NAME=PORT``; by
     default whatever listens on the bench URL's port (``parley``) and, when it is local, on
     the store's port (``store``)."""
     from parley.benchcost import listeners, process_name
@@ -313,8 +314,9 @@ def _cost_meter(args: argparse.Namespace) -> CostMeter | None:
     for spec in args.watch:
         name, _, pid = spec.partition("=")
         pids[name] = int(pid)
+    trees = {name: int(pid) for name, _, pid in (s.partition("=") for s in args.watch_tree)}
     ports = [spec.partition("=") for spec in args.watch_port]
-    if not args.watch and not ports:
+    if not args.watch and not ports and not trees:
         url = urllib.parse.urlsplit(args.url)
         ports = [("parley", "=", str(url.port or 80))]
         if args.mongo_url:
@@ -325,9 +327,9 @@ def _cost_meter(args: argparse.Namespace) -> CostMeter | None:
         for n, pid in enumerate(found):
             pids[name if len(found) == 1 else f"{name}.{process_name(pid)}.{n}"] = pid
     metrics = list(args.metrics_url) or [args.url.rstrip("/") + "/metrics"]
-    if not pids and not args.metrics_url:
+    if not pids and not trees and not args.metrics_url:
         return None
-    return CostMeter(pids, [] if args.no_metrics else metrics)
+    return CostMeter(pids, [] if args.no_metrics else metrics, trees)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -716,6 +718,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME=PID",
         help="a process whose CPU per request to report (repeatable; default: none)",
+    )
+    bench.add_argument(
+        "--watch-tree",
+        action="append",
+        default=[],
+        metavar="NAME=PID",
+        help="like --watch, counting every process below it too (a PostgreSQL postmaster and "
+        "its backends) (repeatable; default: none)",
     )
     bench.add_argument(
         "--watch-port",
