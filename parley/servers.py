@@ -30,7 +30,6 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from pymongo import MongoClient
 
@@ -295,7 +294,6 @@ def wait_ferretdb(process: Process, addr: str, timeout: float = 60.0) -> None:
 
 # ---- PostgreSQL: the private cluster of the ``postgresql`` local store ----------------------
 
-LocalStore = Literal["sqlite", "postgresql"]
 POSTGRES_ACCOUNT = "postgres"  # the system user the cluster runs as when Parley runs as root
 POSTGRES_ROLE = "parley"  # the cluster's one role (its superuser), FerretDB's
 POSTGRES_DB = "ferretdb"
@@ -304,9 +302,11 @@ POSTGRES_SOCKET = f".s.PGSQL.{POSTGRES_PORT}"
 SUN_PATH_MAX = 107  # the longest unix socket path Linux accepts
 # Everything that differs from PostgreSQL's defaults, on its command line (``ps`` shows it):
 # no TCP listener; the socket in the cluster's own 0700 directory, itself 0700; commits not
-# waited on (an OS crash may lose the last fraction of a second of writes, never corrupts:
-# fsync stays on, as SQLite's write-ahead log in FerretDB does not sync each commit either);
-# dynamic shared memory as files under the data directory rather than in /dev/shm.
+# waited on (a crash of the machine may lose the last fraction of a second of writes, but
+# never corrupts the cluster, fsync staying on; a crash of PostgreSQL alone loses nothing):
+# a local try-out store need not sync every commit, which FerretDB's SQLite files do (WAL,
+# SQLite's default synchronous=FULL); dynamic shared memory as files under the data
+# directory rather than in /dev/shm.
 POSTGRES_OPTIONS = {
     "listen_addresses": "",
     "port": str(POSTGRES_PORT),
