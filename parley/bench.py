@@ -22,8 +22,19 @@ from parley.benchcost import CostMeter, preload
 from shared.bus import RabbitBus
 from shared.events import Event, GroupMessage, PeerMessage, TokenGranted
 
-FAMILIES = ("grant", "regrant", "groups", "create", "peer", "group", "history", "offline")
+FAMILIES = (
+    "grant",
+    "regrant",
+    "groups",
+    "peer",
+    "group",
+    "history",
+    "offline",
+    "member-add",
+    "group-create",
+)
 GROUP_SIZE = 500
+CREATE_SIZE = 10  # members of each group the group-create family creates
 
 
 @dataclass
@@ -202,7 +213,7 @@ class Bench:
 
     async def setup(self, families: list[str]) -> dict[str, Any]:
         state: dict[str, Any] = {"tokens": []}
-        if {"history", "grant", "regrant"} & set(families):
+        if {"history", "offline", "grant", "regrant"} & set(families):
             for uid in range(1, 201):
                 self.note(f"granting tokens {uid}/200", done=uid == 200)
                 status, body = await self.call(
@@ -233,7 +244,20 @@ class Bench:
             )
             state["churn_group"] = json.loads(body)["data"]["group_id"]
             self.groups.append(state["churn_group"])
-        if "history" in families:
+        if "member-add" in families:
+            # One group per client, each growing by one member per request.
+            state["add_groups"] = []
+            for w in range(self.concurrency):
+                self.note(f"creating groups to add members to {w + 1}/{self.concurrency}")
+                status, body = await self.call(
+                    "POST",
+                    "/groups",
+                    json={"master": 1, "name": f"add {w}", "members": [1]},
+                    headers=self.server,
+                )
+                state["add_groups"].append(json.loads(body)["data"]["group_id"])
+                self.groups.append(state["add_groups"][-1])
+        if {"history", "offline"} & set(families):
             for n in range(100):  # something to read
                 self.note(f"posting messages to read {n + 1}/100", done=n == 99)
                 await self.call(
@@ -312,32 +336,6 @@ class Bench:
                 )
                 return status, None
 
-        elif name == "create":  # a 10-member group
-
-            async def one(w: int, n: int) -> tuple[int, str | None]:
-                first = 1 + (n * 10) % 100_000
-                status, body = await self.call(
-                    "POST",
-                    "/groups",
-                    json={
-                        "master": first,
-                        "name": f"c{n}",
-                        "members": list(range(first, first + 10)),
-                    },
-                    headers=self.server,
-                )
-                if status == 200:
-                    self.groups.append(json.loads(body)["data"]["group_id"])
-                return status, None
-
-        elif name == "offline":
-
-            async def one(w: int, n: int) -> tuple[int, str | None]:
-                status, _ = await self.call(
-                    "GET", f"/messages/offline?uid={1 + n % 200}", headers=self.server
-                )
-                return status, None
-
         elif name == "groups":
             gid = state["churn_group"]
 
@@ -382,13 +380,41 @@ class Bench:
                 )
                 return status, content
 
+        elif name == "member-add":
+            groups = state["add_groups"]
+
+            async def one(w: int, n: int) -> tuple[int, str | None]:
+                status, _ = await self.call(
+                    "POST", f"/groups/{groups[w]}/members", json=[10_000 + n], headers=self.server
+                )
+                return status, None
+
+        elif name == "group-create":
+
+            async def one(w: int, n: int) -> tuple[int, str | None]:
+                first = 1 + n % 190
+                status, body = await self.call(
+                    "POST",
+                    "/groups",
+                    json={
+                        "master": first,
+                        "name": f"{tag}{n}",
+                        "members": list(range(first, first + CREATE_SIZE)),
+                    },
+                    headers=self.server,
+                )
+                if status == 200:
+                    self.groups.append(json.loads(body)["data"]["group_id"])
+                return status, None
+
         else:
             tokens = state["tokens"]
+            path = "/messages" if name == "history" else "/messages/offline"
 
             async def one(w: int, n: int) -> tuple[int, str | None]:
                 token = tokens[n % len(tokens)]
                 status, _ = await self.call(
-                    "GET", "/messages", headers={"Authorization": f"Bearer {token}"}
+                    "GET", path, headers={"Authorization": f"Bearer {token}"}
                 )
                 return status, None
 

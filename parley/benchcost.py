@@ -19,10 +19,38 @@ TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process so far (``/proc/<pid>/stat`` fields 14 and 15)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
+    """User + system CPU of a process so far, all its threads (``/proc/<pid>/stat`` fields 14
+    and 15). Not its child processes'."""
+    fields = _stat(pid)
     return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU so far of a process and every process below it: each live one's own
+    and that of the children it has reaped (fields 16 and 17), so a child that exits between
+    two samples is still counted (a PostgreSQL backend that ends, for example)."""
+    parents: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                stats[int(proc.name)] = fields = _stat(int(proc.name))
+            except OSError:
+                continue
+            parents.setdefault(int(fields[1]), []).append(int(proc.name))
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        fields = stats.get(current) or _stat(current)
+        total += sum(int(fields[i]) for i in (11, 12, 13, 14))
+        todo += parents.get(current, [])
+    return total / TICKS
+
+
+def _stat(pid: int) -> list[str]:
+    """``/proc/<pid>/stat`` after the command name: field 3 (state) first."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2 :].split()
 
 
 def listeners(port: int) -> list[int]:
@@ -74,15 +102,22 @@ async def store_commands(http: aiohttp.ClientSession, urls: list[str]) -> float:
 
 @dataclass
 class CostMeter:
-    """CPU per watched process and store commands, sampled around each family."""
+    """CPU per watched process (``trees``: with every process below it) and store commands,
+    sampled around each family."""
 
     pids: dict[str, int]
     metrics_urls: list[str]
+    trees: dict[str, int] = field(default_factory=dict)
     cpu: dict[str, float] = field(default_factory=dict)
     commands: float = 0.0
 
+    def _cpu(self) -> dict[str, float]:
+        return {name: cpu_seconds(pid) for name, pid in self.pids.items()} | {
+            name: tree_cpu_seconds(pid) for name, pid in self.trees.items()
+        }
+
     async def start(self, http: aiohttp.ClientSession) -> None:
-        self.cpu = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self.cpu = self._cpu()
         self.commands = await store_commands(http, self.metrics_urls) if self.metrics_urls else 0
 
     async def finish(self, http: aiohttp.ClientSession, requests: int) -> dict[str, float]:
@@ -91,8 +126,8 @@ class CostMeter:
         if not requests:
             return {}
         result = {
-            f"cpu_ms.{name}": (cpu_seconds(pid) - self.cpu[name]) * 1000 / requests
-            for name, pid in self.pids.items()
+            f"cpu_ms.{name}": (seconds - self.cpu[name]) * 1000 / requests
+            for name, seconds in self._cpu().items()
         }
         if self.metrics_urls:
             after = await store_commands(http, self.metrics_urls)

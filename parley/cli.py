@@ -99,15 +99,22 @@ def _run_app(app: web.Application, settings: Settings) -> None:
 # ---- parley run ---------------------------------------------------------------------------
 
 
+def _local_store(args: argparse.Namespace) -> str:
+    """``--local-store``, else ``PARLEY_LOCAL_STORE``, else SQLite."""
+    return str(args.local_store or Settings().local_store)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     store: EmbeddedStore | None = None
     extra: dict[str, Any] = {}
     if args.mongo_url is None:
         data_dir = private_dir(Path(args.data).resolve(), files=False)
+        private_cluster = _local_store(args) == "postgresql" and not args.ferretdb_postgresql_url
         store = EmbeddedStore(
             data_dir / "mongo",
             args.embedded_mongo_addr,
             postgresql_url=args.ferretdb_postgresql_url,
+            postgres_dir=data_dir / "postgres" if private_cluster else None,
         )
         try:
             store.start()
@@ -251,7 +258,7 @@ def cmd_gateway_config(args: argparse.Namespace) -> int:
 def cmd_cluster(args: argparse.Namespace) -> int:
     """Distributed Parley on this machine: its own FerretDB and RabbitMQ unless given."""
     from parley.cluster import start_cluster
-    from parley.servers import free_port, start_rabbitmq
+    from parley.servers import free_port, start_postgres, start_rabbitmq
 
     configure_logging(level="warning")
     data = private_dir(Path(args.data).resolve(), files=False)
@@ -259,11 +266,13 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     try:
         mongo_url = args.mongo_url
         if mongo_url is None:
+            postgresql_url = args.ferretdb_postgresql_url
+            if _local_store(args) == "postgresql" and not postgresql_url:
+                started.append(start_postgres(data / "postgres"))
+                postgresql_url = started[-1].extra["url"]
             started.append(
                 start_ferretdb(
-                    data / "mongo",
-                    args.embedded_mongo_addr,
-                    postgresql_url=args.ferretdb_postgresql_url,
+                    data / "mongo", args.embedded_mongo_addr, postgresql_url=postgresql_url
                 )
             )
             mongo_url = f"mongodb://{args.embedded_mongo_addr}/"
@@ -295,7 +304,8 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
 
 def _cost_meter(args: argparse.Namespace) -> CostMeter | None:
-    """The processes to watch: ``--watch NAME=PID`` and ``--watch-port NAME=PORT``; by
+    """The processes to watch: ``--watch NAME=PID``, ``--watch-tree NAME=PID`` and
+    ``--watch-port NAME=PORT``; by
     default whatever listens on the bench URL's port (``parley``) and, when it is local, on
     the store's port (``store``)."""
     from parley.benchcost import listeners, process_name
@@ -304,8 +314,9 @@ def _cost_meter(args: argparse.Namespace) -> CostMeter | None:
     for spec in args.watch:
         name, _, pid = spec.partition("=")
         pids[name] = int(pid)
+    trees = {name: int(pid) for name, _, pid in (s.partition("=") for s in args.watch_tree)}
     ports = [spec.partition("=") for spec in args.watch_port]
-    if not args.watch and not ports:
+    if not args.watch and not ports and not trees:
         url = urllib.parse.urlsplit(args.url)
         ports = [("parley", "=", str(url.port or 80))]
         if args.mongo_url:
@@ -316,9 +327,9 @@ def _cost_meter(args: argparse.Namespace) -> CostMeter | None:
         for n, pid in enumerate(found):
             pids[name if len(found) == 1 else f"{name}.{process_name(pid)}.{n}"] = pid
     metrics = list(args.metrics_url) or [args.url.rstrip("/") + "/metrics"]
-    if not pids and not args.metrics_url:
+    if not pids and not trees and not args.metrics_url:
         return None
-    return CostMeter(pids, [] if args.no_metrics else metrics)
+    return CostMeter(pids, [] if args.no_metrics else metrics, trees)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -538,6 +549,12 @@ class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 ENV_HTTP = "default: $PARLEY_HTTP_ADDR or 127.0.0.1:8080"
 ENV_MONGO = f"default: $PARLEY_MONGO_URL or {EMBEDDED_MONGO_URL}"
+LOCAL_STORES = ("sqlite", "postgresql")
+LOCAL_STORE_HELP = (
+    "where the embedded FerretDB keeps its data: SQLite files under DATA/mongo, or a private "
+    "PostgreSQL cluster under DATA/postgres, started and stopped with Parley "
+    "(default: $PARLEY_LOCAL_STORE or sqlite)"
+)
 
 
 def _sub(sub: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
@@ -575,10 +592,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the embedded FerretDB listens",
     )
     run.add_argument(
+        "--local-store",
+        choices=LOCAL_STORES,
+        default=None,
+        help=LOCAL_STORE_HELP,
+    )
+    run.add_argument(
         "--ferretdb-postgresql-url",
         default=None,
-        help="store the embedded FerretDB's data in this PostgreSQL database "
-        "(default: SQLite files under DATA/mongo)",
+        help="store the embedded FerretDB's data in this existing PostgreSQL database instead "
+        "(default: as --local-store says)",
     )
     run.set_defaults(func=cmd_run)
 
@@ -638,10 +661,12 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument(
         "--embedded-mongo-addr", default=EMBEDDED_MONGO_ADDR, help="where its FerretDB listens"
     )
+    cluster.add_argument("--local-store", choices=LOCAL_STORES, default=None, help=LOCAL_STORE_HELP)
     cluster.add_argument(
         "--ferretdb-postgresql-url",
         default=None,
-        help="its FerretDB's PostgreSQL database (default: SQLite files under DATA/mongo)",
+        help="its FerretDB's data in this existing PostgreSQL database instead "
+        "(default: as --local-store says)",
     )
     cluster.set_defaults(func=cmd_cluster)
 
@@ -693,6 +718,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME=PID",
         help="a process whose CPU per request to report (repeatable; default: none)",
+    )
+    bench.add_argument(
+        "--watch-tree",
+        action="append",
+        default=[],
+        metavar="NAME=PID",
+        help="like --watch, counting every process below it too (a PostgreSQL postmaster and "
+        "its backends) (repeatable; default: none)",
     )
     bench.add_argument(
         "--watch-port",

@@ -1,5 +1,6 @@
 """Starting and stopping the servers Parley runs beside itself: FerretDB (the embedded
-MongoDB-compatible server of ``parley run``) and, for tests, RabbitMQ and nginx.
+MongoDB-compatible server of ``parley run``), the private PostgreSQL cluster FerretDB stores its
+data in when the local store is ``postgresql``, and, for tests, RabbitMQ and nginx.
 
 Each start waits on a protocol probe (a MongoDB ``ping``, an AMQP connection, an HTTP answer),
 never on a sleep, and each stop terminates the process and waits for it.
@@ -8,19 +9,24 @@ Every server runs inside its data directory (its working directory, so anything 
 there, crash dumps included, stays there), with umask 077: the directory is 0700 and its
 files 0600. RabbitMQ listens on loopback only, its Erlang distribution and its own epmd too,
 with a random cookie and a dedicated user with a random password (no ``guest``).
+PostgreSQL opens no TCP port at all: FerretDB reaches it on a unix socket inside its directory.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import pwd
 import secrets
 import shutil
 import signal
 import socket
+import stat
+import struct
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,10 +142,12 @@ class Process:
     extra: dict[str, str] = field(default_factory=dict)
     # Helpers started for this process (RabbitMQ's epmd), stopped after it.
     companions: list[Process] = field(default_factory=list)
+    # What asks it to stop cleanly (PostgreSQL: SIGINT, its fast shutdown).
+    stop_signal: int = signal.SIGTERM
 
     def stop(self, timeout: float = 20.0) -> None:
         if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
+            self.popen.send_signal(self.stop_signal)
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -165,16 +173,17 @@ class Process:
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent(parent: int) -> Callable[[], None]:
-    """A ``preexec_fn`` that asks Linux to send the child SIGTERM when its parent dies, even
+def _die_with_parent(parent: int, sig: int = signal.SIGTERM) -> Callable[[], None]:
+    """A ``preexec_fn`` that asks Linux to send the child ``sig`` when its parent dies, even
     by SIGKILL (``prctl(PR_SET_PDEATHSIG)``), so no server outlives the Parley that started it.
     Linux ties this to the parent *thread*: spawn from a thread that lives as long as the
-    process (the main thread, or the event loop's)."""
+    process (the main thread, or the event loop's). Linux forgets the setting when the
+    child's user changes, so it runs after ``Popen``'s own switch to ``user``."""
 
     prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
 
     def preexec() -> None:
-        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(1)
 
@@ -188,9 +197,12 @@ def _spawn(
     cwd: Path,
     env: dict[str, str] | None = None,
     umask: int = 0o077,
+    account: pwd.struct_passwd | None = None,
+    stop_signal: int = signal.SIGTERM,
 ) -> Process:
     """``argv`` in its own session, working in ``cwd`` (its data directory) with ``umask``,
-    its output appended to ``log_path`` (0600)."""
+    its output appended to ``log_path`` (0600), as the user ``account`` (default: this one).
+    It gets ``stop_signal`` when Parley stops it or dies."""
     _mkdirs(log_path.parent)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.fchmod(fd, 0o600)
@@ -203,9 +215,14 @@ def _spawn(
             cwd=cwd,
             start_new_session=True,
             umask=umask,
-            preexec_fn=_die_with_parent(os.getpid()) if sys.platform == "linux" else None,
+            user=account.pw_uid if account else None,
+            group=account.pw_gid if account else None,
+            extra_groups=[] if account else None,
+            preexec_fn=(
+                _die_with_parent(os.getpid(), stop_signal) if sys.platform == "linux" else None
+            ),
         )
-    return Process(name, popen, log_path)
+    return Process(name, popen, log_path, stop_signal=stop_signal)
 
 
 def _wait(process: Process, probe: object, timeout: float, what: str) -> None:
@@ -273,6 +290,238 @@ def wait_ferretdb(process: Process, addr: str, timeout: float = 60.0) -> None:
             client.close()
 
     _wait(process, ping, timeout, "FerretDB")
+
+
+# ---- PostgreSQL: the private cluster of the ``postgresql`` local store ----------------------
+
+POSTGRES_ACCOUNT = "postgres"  # the system user the cluster runs as when Parley runs as root
+POSTGRES_ROLE = "parley"  # the cluster's one role (its superuser), FerretDB's
+POSTGRES_DB = "ferretdb"
+POSTGRES_PORT = 5432  # names the socket file only: the cluster opens no TCP port
+POSTGRES_SOCKET = f".s.PGSQL.{POSTGRES_PORT}"
+SUN_PATH_MAX = 107  # the longest unix socket path Linux accepts
+# Everything that differs from PostgreSQL's defaults, on its command line (``ps`` shows it):
+# no TCP listener; the socket in the cluster's own 0700 directory, itself 0700; commits not
+# waited on (a crash of the machine may lose the last fraction of a second of writes, but
+# never corrupts the cluster, fsync staying on; a crash of PostgreSQL alone loses nothing):
+# a local try-out store need not sync every commit, which FerretDB's SQLite files do (WAL,
+# SQLite's default synchronous=FULL); dynamic shared memory as files under the data
+# directory rather than in /dev/shm.
+POSTGRES_OPTIONS = {
+    "listen_addresses": "",
+    "port": str(POSTGRES_PORT),
+    "unix_socket_permissions": "0700",
+    "fsync": "on",
+    "synchronous_commit": "off",
+    "dynamic_shared_memory_type": "mmap",
+    "logging_collector": "off",
+    "cluster_name": "parley",
+}
+
+
+def find_postgres(debian: Path = Path("/usr/lib/postgresql")) -> Path:
+    """The directory of PostgreSQL's server programs (``initdb`` and ``postgres``): from the
+    PATH, or the newest of Debian's ``/usr/lib/postgresql/N/bin``."""
+    initdb, postgres = shutil.which("initdb"), shutil.which("postgres")
+    if initdb and postgres and Path(initdb).resolve().parent == Path(postgres).resolve().parent:
+        return Path(initdb).resolve().parent
+    versions = sorted(
+        (d for d in debian.glob("*/bin") if d.parent.name.isdigit()),
+        key=lambda d: int(d.parent.name),
+    )
+    for directory in reversed(versions):
+        if (directory / "initdb").exists() and (directory / "postgres").exists():
+            return directory
+    raise ServerError(
+        "the postgresql local store needs PostgreSQL's initdb and postgres, which are not "
+        "installed (apt-get install postgresql, or scripts/setup --servers)"
+    )
+
+
+def postgres_account() -> pwd.struct_passwd | None:
+    """Who the cluster runs as: this user, or ``postgres`` when this is root (PostgreSQL
+    refuses to run as root)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam(POSTGRES_ACCOUNT)
+    except KeyError:
+        raise ServerError(
+            "PostgreSQL refuses to run as root, and there is no `postgres` system user to run "
+            "it as (apt-get install postgresql creates it)"
+        ) from None
+
+
+def _searchable_by(account: pwd.struct_passwd, directory: Path) -> bool:
+    """Whether ``account`` (its primary group only, as ``_spawn`` runs it) may enter
+    ``directory``."""
+    st = directory.stat()
+    if st.st_uid == account.pw_uid:
+        return bool(st.st_mode & stat.S_IXUSR)
+    if st.st_gid == account.pw_gid:
+        return bool(st.st_mode & stat.S_IXGRP)
+    return bool(st.st_mode & stat.S_IXOTH)
+
+
+def _hand_over(base_dir: Path, account: pwd.struct_passwd) -> None:
+    """Makes ``base_dir`` the cluster account's (0700) and lets that account pass through
+    Parley's data directory, ``base_dir``'s parent: group ``postgres``, mode 0710 (enter, not
+    list; nobody else gains anything). Refuses if a directory above it shuts the account out."""
+    data_dir = base_dir.parent
+    for created in (False, True):  # what exists first, then what making data_dir made
+        if created:
+            _mkdirs(data_dir)
+        for directory in reversed(data_dir.parents):
+            if directory.exists() and not _searchable_by(account, directory):
+                raise ServerError(
+                    f"the `{account.pw_name}` user, which runs PostgreSQL, cannot enter "
+                    f"{directory}; choose a data directory it can reach (--data)"
+                )
+    if not _searchable_by(account, data_dir):
+        os.chown(data_dir, -1, account.pw_gid)
+        data_dir.chmod(0o710)
+    _mkdirs(base_dir)
+    os.chown(base_dir, account.pw_uid, account.pw_gid)
+    base_dir.chmod(0o700)
+
+
+def _postgres_env() -> dict[str, str]:
+    """The environment of PostgreSQL's programs: Parley's, without ``PG*`` variables (they
+    would point the programs elsewhere), in the C locale."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env["LC_ALL"] = "C"
+    return env
+
+
+def _initdb(bin_dir: Path, base_dir: Path, account: pwd.struct_passwd | None) -> None:
+    """Creates the cluster in ``base_dir/data``, once: built in ``data.new`` and renamed,
+    so an interrupted first start leaves nothing that looks finished. Its one role
+    (``parley``) logs in without a password, on the unix socket only (``--auth-host=reject``;
+    there is no TCP listener anyway); the database FerretDB uses is created here."""
+    new = base_dir / "data.new"
+    shutil.rmtree(new, ignore_errors=True)
+    log_path = base_dir / "initdb.log"
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as log:
+        steps: list[tuple[list[str], bytes | None]] = [
+            (
+                [
+                    str(bin_dir / "initdb"),
+                    *("-D", str(new), "-U", POSTGRES_ROLE, "--encoding=UTF8", "--no-locale"),
+                    *("--auth-local=trust", "--auth-host=reject"),
+                ],
+                None,
+            ),
+            (
+                [str(bin_dir / "postgres"), "--single", "-D", str(new), "postgres"],
+                f"CREATE DATABASE {POSTGRES_DB};\n".encode(),
+            ),
+        ]
+        for argv, stdin in steps:
+            done = subprocess.run(
+                argv,
+                input=stdin,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=base_dir,
+                env=_postgres_env(),
+                umask=0o077,
+                check=False,
+                user=account.pw_uid if account else None,
+                group=account.pw_gid if account else None,
+                extra_groups=[] if account else None,
+            )
+            if done.returncode != 0:
+                tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
+                raise ServerError(f"{Path(argv[0]).name} failed ({done.returncode}):\n{tail}")
+    new.rename(base_dir / "data")
+
+
+def start_postgres(base_dir: Path, *, timeout: float = 60.0) -> Process:
+    """The private PostgreSQL cluster in ``base_dir``, made on its first start; returns once
+    it accepts a session. ``extra["url"]`` is FerretDB's ``--postgresql-url``."""
+    process = spawn_postgres(base_dir)
+    wait_postgres(process, timeout)
+    return process
+
+
+def spawn_postgres(base_dir: Path) -> Process:
+    """Starts the cluster without waiting for it (see ``wait_postgres``); creates it first
+    (``initdb``) when ``base_dir/data`` does not hold one.
+
+    Everything it has stays in ``base_dir``: the data (``data``), its log (``postgres.log``),
+    its socket. When Parley runs as root it runs as the ``postgres`` system user, which owns
+    ``base_dir``. It stops on SIGINT (fast shutdown: sessions ended, a checkpoint, exit), and
+    gets that signal too when the Parley that started it dies."""
+    bin_dir = find_postgres()
+    base_dir = base_dir.resolve()
+    socket_path = base_dir / POSTGRES_SOCKET
+    if len(str(socket_path).encode()) > SUN_PATH_MAX:
+        raise ServerError(
+            f"{socket_path} is too long for a unix socket ({SUN_PATH_MAX} bytes at most); "
+            "choose a shorter data directory path"
+        )
+    account = postgres_account()
+    if account is None:
+        private_dir(base_dir, files=False)
+    else:
+        _hand_over(base_dir, account)
+    if not (base_dir / "data" / "PG_VERSION").exists():
+        _initdb(bin_dir, base_dir, account)
+    options = {**POSTGRES_OPTIONS, "unix_socket_directories": str(base_dir)}
+    argv = [str(bin_dir / "postgres"), "-D", str(base_dir / "data")]
+    for key, value in options.items():
+        argv += ["-c", f"{key}={value}"]
+    process = _spawn(
+        "postgres",
+        argv,
+        base_dir / "postgres.log",
+        cwd=base_dir,
+        env=_postgres_env(),
+        account=account,
+        stop_signal=signal.SIGINT,
+    )
+    host = urllib.parse.quote(str(base_dir), safe="")
+    process.extra["url"] = f"postgres://{POSTGRES_ROLE}@/{POSTGRES_DB}?host={host}"
+    process.extra["socket"] = str(socket_path)
+    process.extra["base_dir"] = str(base_dir)
+    return process
+
+
+def wait_postgres(process: Process, timeout: float = 60.0) -> None:
+    """Returns once the cluster accepts a session (stops it and raises if it does not)."""
+    socket_path = Path(process.extra["socket"])
+    _wait(process, lambda: postgres_probe(socket_path), timeout, "PostgreSQL")
+
+
+def postgres_probe(socket_path: Path, user: str = POSTGRES_ROLE, db: str = POSTGRES_DB) -> bool:
+    """True once PostgreSQL answers a startup message (protocol 3.0) on ``socket_path`` with
+    a session: AuthenticationOk, then ReadyForQuery. While it starts it answers an error."""
+    params = f"user\0{user}\0database\0{db}\0\0".encode()
+    body = struct.pack("!i", 3 << 16) + params
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(1)
+        sock.connect(str(socket_path))
+        sock.sendall(struct.pack("!i", len(body) + 4) + body)
+        while True:
+            head = _recv_exactly(sock, 5)
+            kind, length = head[:1], struct.unpack("!i", head[1:])[0]
+            payload = _recv_exactly(sock, length - 4)
+            if kind == b"E" or (kind == b"R" and payload[:4] != b"\0\0\0\0"):
+                return False  # not ready yet, or it wants a password (not this cluster)
+            if kind == b"Z":
+                sock.sendall(b"X\0\0\0\x04")  # Terminate
+                return True
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("PostgreSQL closed the connection")
+        data += chunk
+    return data
 
 
 def port_holder(port: int) -> tuple[int, str] | None:

@@ -7,6 +7,7 @@ Every process (a single service, the all-in-one runner, a management command) bu
 from __future__ import annotations
 
 from ipaddress import IPv4Network, IPv6Network
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,6 +26,9 @@ class Settings(BaseSettings):
     http_addr: str = "127.0.0.1:8080"
     mongo_url: str = EMBEDDED_MONGO_URL
     mongo_db: str = "parley"
+    # Where the embedded FerretDB of `parley run` and `parley cluster` keeps its data: SQLite
+    # files under DIR/mongo, or a private PostgreSQL cluster under DIR/postgres.
+    local_store: Literal["sqlite", "postgresql"] = "sqlite"
     # None: the in-process bus (all-in-one only). A URL: RabbitMQ.
     amqp_url: str | None = None
     amqp_exchange: str = "parley.events"

@@ -1,7 +1,9 @@
 """Test harness: real servers, started once per session.
 
 * FerretDB (``PARLEY_TEST_MONGO_URL`` to use another MongoDB-compatible server instead) and
-  RabbitMQ (``PARLEY_TEST_AMQP_URL``) are started here, each waited on with a protocol probe.
+  RabbitMQ (``PARLEY_TEST_AMQP_URL``) are started here, each waited on with a protocol probe;
+  FerretDB on SQLite, or with ``PARLEY_LOCAL_STORE=postgresql`` on a private PostgreSQL
+  cluster started here too.
 * ``stack`` is Parley itself, reached over real HTTP, in three modes:
   ``local`` (all-in-one, in-process bus), ``rabbit`` (all-in-one on RabbitMQ) and
   ``distributed`` (``parley serve`` processes behind nginx rendered from the routing table).
@@ -38,6 +40,7 @@ from parley.servers import (
     Process,
     free_port,
     start_ferretdb,
+    start_postgres,
     start_rabbitmq,
 )
 from services.auth.domain import AppCredentials, AuthDomain
@@ -70,9 +73,25 @@ def mongo_url(workdir: Path) -> Iterator[str]:
         yield url
         return
     addr = f"127.0.0.1:{free_port()}"
-    process = start_ferretdb(workdir / "ferretdb", addr)
+    # PARLEY_LOCAL_STORE=postgresql: FerretDB on a private PostgreSQL cluster, as `parley run`.
+    postgres = start_postgres(workdir / "postgres") if local_store() == "postgresql" else None
+    try:
+        process = start_ferretdb(
+            workdir / "ferretdb", addr, postgresql_url=postgres.extra["url"] if postgres else None
+        )
+    except BaseException:
+        if postgres is not None:
+            postgres.stop()
+        raise
     yield f"mongodb://{addr}/"
     process.stop()
+    if postgres is not None:
+        postgres.stop()
+
+
+def local_store() -> str:
+    """The store the tests' FerretDB keeps its data in: ``PARLEY_LOCAL_STORE``, as Parley."""
+    return Settings().local_store
 
 
 @pytest.fixture(scope="session")
