@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import structlog
 
 from shared.bus import Bus
+from shared.loops import stop_if_cancelled
 from shared.metrics import OUTBOX_BACKLOG, OUTBOX_REPUBLISHED
 from shared.revlog import RevLog
 
@@ -61,6 +62,7 @@ class OutboxRelay:
                 raise
             except Exception as exc:
                 log.warning("outbox relay pass failed", error=repr(exc))
+            stop_if_cancelled()
             await asyncio.sleep(self._interval)
 
     def start(self) -> None:

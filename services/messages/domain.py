@@ -12,7 +12,6 @@ every stored message gets its event (possibly twice, under the same event id).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from collections.abc import Sequence
@@ -50,6 +49,7 @@ from shared.events import (
 from shared.events import CustomerMessage as CustomerMessageEvent
 from shared.internal import GroupDirectory
 from shared.jsonio import dumps
+from shared.loops import stop_if_cancelled
 from shared.mongo import Document
 from shared.settings import Settings
 
@@ -192,8 +192,13 @@ class MessagesDomain:
 
     async def run_recovery(self, interval: float, grace: float) -> None:
         while True:
-            with contextlib.suppress(Exception):
+            try:
                 await self.recover(grace)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the next pass retries
+                log.warning("message recovery pass failed", error=repr(exc))
+            stop_if_cancelled()
             await asyncio.sleep(interval)
 
     @staticmethod

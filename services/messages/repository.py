@@ -58,6 +58,7 @@ import structlog
 from pymongo import DeleteOne, IndexModel, UpdateOne
 from pymongo.errors import BulkWriteError, CollectionInvalid, DuplicateKeyError
 
+from shared.loops import stop_if_cancelled
 from shared.mongo import Collection, Database, Document, by_ids
 
 log = structlog.get_logger("parley.messages")
@@ -853,6 +854,7 @@ class MessagesRepository:
                 raise
             except Exception as exc:  # hints are hints; an unfinished post is recovered
                 log.warning("messages background write failed", error=repr(exc))
+            stop_if_cancelled()
 
     async def flush(self) -> None:
         """Write what the background owes now: finished posts, chunk copies, hints."""
