@@ -123,6 +123,10 @@ class MessagesDomain:
             post.plan = {o: plan[o] for o in owners}
         existing = await self.repo.insert_pending_many(todo)
         todo = [existing.get(p.id, p) for p in todo]
+        for post in existing.values():  # recorded earlier: its entries may sit below this plan
+            for owner, key in post.plan.items():
+                if owner in plan:
+                    plan[owner] = min(plan[owner], key)
         for post in todo:
             self._in_flight[post.id] = self._in_flight.get(post.id, 0) + 1
         try:
