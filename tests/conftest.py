@@ -8,6 +8,10 @@
   Tests isolate themselves by tenancy: each makes its own app (``stack.new_app()``).
 * ``stack.recorder(appid)`` subscribes to every event (a temporary queue bound to ``#``) and
   collects the events of one app, so tests assert exactly which events a request published.
+  ``Recorder.published()`` proves that nothing more was published without waiting out a quiet
+  spell: it publishes a sentinel event and returns what arrived before it.
+* A test whose requests are all refused (a 4xx that writes nothing and publishes nothing)
+  crosses no bus: ``@one_mode`` runs it on the ``local`` stack alone.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import aiohttp
 import pytest
@@ -55,6 +59,13 @@ configure_logging(level=os.environ.get("PARLEY_TEST_LOG_LEVEL", "warning"), cach
 
 EVENT_WAIT = 10.0
 TEST_DEADLINE = 60.0
+
+
+class Sentinel(Event):
+    """The tests' marker on the bus: no service binds its routing key, only recorders see it."""
+
+    routing_key: ClassVar[str] = "test.sentinel"
+    version: Literal[1] = 1
 
 
 @pytest.fixture(scope="session")
@@ -110,9 +121,17 @@ class Recorder:
     pattern: str = "#"
     events: list[Event] = field(default_factory=list)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    bus: Bus | None = None
+    # Whether the services publish on ``bus`` itself (the all-in-one stacks), so that one
+    # queue receives their events and the sentinel in the order they were published.
+    shares_the_bus: bool = False
+    sentinels: set[str] = field(default_factory=set)
 
     async def handle(self, event: Event) -> None:
-        if (self.appid is None or event.appid == self.appid) and topic_matches(
+        if isinstance(event, Sentinel):
+            self.sentinels.add(event.event_id)
+            self.arrived.set()
+        elif (self.appid is None or event.appid == self.appid) and topic_matches(
             self.pattern, event.routing_key
         ):
             self.events.append(event)
@@ -132,6 +151,22 @@ class Recorder:
             await asyncio.sleep(quiet)
             if len(self.events) == seen:
                 return list(self.events)
+
+    async def published(self, quiet: float = 0.5, timeout: float = EVENT_WAIT) -> list[Event]:
+        """Everything published until now. On a stack whose services publish on the recorder's
+        bus, a sentinel event published now arrives after every event published before it (a
+        queue keeps its one publisher's order), so once it is here nothing earlier is missing.
+        The distributed stack's services publish on connections of their own, with no order
+        relative to the sentinel: there, a quiet spell of ``quiet`` seconds (``settle``) it is."""
+        if self.bus is None or not self.shares_the_bus:
+            return await self.settle(quiet)
+        sentinel = Sentinel(appid=self.appid or 0)
+        await self.bus.publish_event(sentinel)
+        async with asyncio.timeout(timeout):
+            while sentinel.event_id not in self.sentinels:
+                self.arrived.clear()
+                await self.arrived.wait()
+        return list(self.events)
 
     def keys(self) -> list[str]:
         return [e.routing_key for e in self.events]
@@ -221,7 +256,7 @@ class Stack:
     @contextlib.asynccontextmanager
     async def recorder(self, appid: int | None, pattern: str = "#") -> AsyncIterator[Recorder]:
         """Events of one app (all apps: None) whose routing key matches the topic ``pattern``."""
-        recorder = Recorder(appid, pattern)
+        recorder = Recorder(appid, pattern, bus=self.bus, shares_the_bus=self.mode != "distributed")
         subscription = await self.bus.subscribe(
             unique("test.recorder."), ["#"], recorder.handle, durable=False
         )
@@ -305,6 +340,11 @@ async def distributed_stack(
 
 
 MODES = ["local", "rabbit", "distributed"]
+
+one_mode = pytest.mark.parametrize("stack", ["local"], indirect=True)
+"""For a test whose requests are all refused: nothing it does crosses the bus, so the
+all-in-one stack (``stack`` in its ``local`` mode) is enough; the modes differ in how events
+travel, not in how a request is refused."""
 
 
 def stack_settings(mongo_url: str, amqp_url: str | None) -> Settings:
