@@ -51,6 +51,7 @@ from shared.bus import Bus, LocalBus, RabbitBus, topic_matches
 from shared.events import Event
 from shared.logs import configure_logging
 from shared.mongo import Database, ensure_indexes, make_client
+from shared.routing import SERVICES
 from shared.server import ParleyRunner
 from shared.settings import Settings
 from shared.web import Deps
@@ -374,6 +375,15 @@ async def own_stack(mongo_url: str) -> AsyncIterator[Stack]:
     """The all-in-one stack on the in-process bus with a database of its own, for a module
     whose tests count an app's documents before and after (quick in a small database)."""
     async with allinone_stack("local", stack_settings(mongo_url, None)) as built:
+        yield built
+
+
+@pytest.fixture(scope="session")
+async def two_replicas(mongo_url: str, amqp_url: str, workdir: Path) -> AsyncIterator[Stack]:
+    """The distributed stack with two replicas of every service (one cluster for every module
+    that tests replicas racing; started once: a cluster takes seconds to start)."""
+    settings = stack_settings(mongo_url, amqp_url)
+    async with distributed_stack(settings, workdir, dict.fromkeys(SERVICES, 2)) as built:
         yield built
 
 
