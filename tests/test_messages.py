@@ -24,7 +24,7 @@ from shared.events import (
 )
 from shared.web import Deps
 
-from .conftest import App, Stack, one_mode
+from .conftest import App, Stack, bounded, one_mode
 
 INVALID_PARAM = {"meta": {"code": 400, "message": "invalid param"}}
 NON_EXISTS = {"meta": {"code": 400, "message": "group non exists"}}
@@ -342,7 +342,7 @@ async def parley_with(stack: Stack, **settings: Any) -> AsyncIterator[str]:
     try:
         yield str(server.make_url("")).rstrip("/")
     finally:
-        await server.close()
+        await bounded(server.close(), "another Parley's shutdown")
 
 
 async def test_disabled_apps_cannot_inject(local_stack: Stack) -> None:
