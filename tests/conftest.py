@@ -10,6 +10,10 @@
   Tests isolate themselves by tenancy: each makes its own app (``stack.new_app()``).
 * ``stack.recorder(appid)`` subscribes to every event (a temporary queue bound to ``#``) and
   collects the events of one app, so tests assert exactly which events a request published.
+  ``Recorder.published()`` proves that nothing more was published without waiting out a quiet
+  spell: it publishes a sentinel event and returns what arrived before it.
+* A test whose requests are all refused (a 4xx that writes nothing and publishes nothing)
+  crosses no bus: ``@one_mode`` runs it on the ``local`` stack alone.
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ import shutil
 import sys
 import tempfile
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import aiohttp
 import pytest
@@ -50,6 +55,7 @@ from shared.bus import Bus, LocalBus, RabbitBus, topic_matches
 from shared.events import Event
 from shared.logs import configure_logging
 from shared.mongo import Database, ensure_indexes, make_client
+from shared.routing import SERVICES
 from shared.server import ParleyRunner
 from shared.settings import Settings
 from shared.web import Deps
@@ -58,6 +64,16 @@ configure_logging(level=os.environ.get("PARLEY_TEST_LOG_LEVEL", "warning"), cach
 
 EVENT_WAIT = 10.0
 TEST_DEADLINE = 60.0
+# An all-in-one stack shuts down in well under a second; one still shutting down after this
+# long is waiting on something that will not end by itself.
+SHUTDOWN_BOUND = 30.0
+
+
+class Sentinel(Event):
+    """The tests' marker on the bus: no service binds its routing key, only recorders see it."""
+
+    routing_key: ClassVar[str] = "test.sentinel"
+    version: Literal[1] = 1
 
 
 @pytest.fixture(scope="session")
@@ -129,9 +145,17 @@ class Recorder:
     pattern: str = "#"
     events: list[Event] = field(default_factory=list)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    bus: Bus | None = None
+    # Whether the services publish on ``bus`` itself (the all-in-one stacks), so that one
+    # queue receives their events and the sentinel in the order they were published.
+    shares_the_bus: bool = False
+    sentinels: set[str] = field(default_factory=set)
 
     async def handle(self, event: Event) -> None:
-        if (self.appid is None or event.appid == self.appid) and topic_matches(
+        if isinstance(event, Sentinel):
+            self.sentinels.add(event.event_id)
+            self.arrived.set()
+        elif (self.appid is None or event.appid == self.appid) and topic_matches(
             self.pattern, event.routing_key
         ):
             self.events.append(event)
@@ -151,6 +175,22 @@ class Recorder:
             await asyncio.sleep(quiet)
             if len(self.events) == seen:
                 return list(self.events)
+
+    async def published(self, quiet: float = 0.5, timeout: float = EVENT_WAIT) -> list[Event]:
+        """Everything published until now. On a stack whose services publish on the recorder's
+        bus, a sentinel event published now arrives after every event published before it (a
+        queue keeps its one publisher's order), so once it is here nothing earlier is missing.
+        The distributed stack's services publish on connections of their own, with no order
+        relative to the sentinel: there, a quiet spell of ``quiet`` seconds (``settle``) it is."""
+        if self.bus is None or not self.shares_the_bus:
+            return await self.settle(quiet)
+        sentinel = Sentinel(appid=self.appid or 0)
+        await self.bus.publish_event(sentinel)
+        async with asyncio.timeout(timeout):
+            while sentinel.event_id not in self.sentinels:
+                self.arrived.clear()
+                await self.arrived.wait()
+        return list(self.events)
 
     def keys(self) -> list[str]:
         return [e.routing_key for e in self.events]
@@ -240,7 +280,7 @@ class Stack:
     @contextlib.asynccontextmanager
     async def recorder(self, appid: int | None, pattern: str = "#") -> AsyncIterator[Recorder]:
         """Events of one app (all apps: None) whose routing key matches the topic ``pattern``."""
-        recorder = Recorder(appid, pattern)
+        recorder = Recorder(appid, pattern, bus=self.bus, shares_the_bus=self.mode != "distributed")
         subscription = await self.bus.subscribe(
             unique("test.recorder."), ["#"], recorder.handle, durable=False
         )
@@ -287,16 +327,35 @@ async def allinone_stack(mode: str, settings: Settings) -> AsyncIterator[Stack]:
         await client.close()
 
 
-async def bounded(step: Awaitable[None], what: str, seconds: float = 180.0) -> None:
-    """A teardown step that must end: past ``seconds`` it fails, printing every task's stack
-    (what it waits on), instead of hanging the session."""
-    try:
-        await asyncio.wait_for(step, seconds)
-    except TimeoutError:
-        for task in asyncio.all_tasks():
-            print(f"--- {task.get_name()}", file=sys.stderr)
-            task.print_stack(file=sys.stderr)
-        raise AssertionError(f"{what} did not end in {seconds:g} s") from None
+async def bounded(step: Awaitable[None], what: str, seconds: float = SHUTDOWN_BOUND) -> None:
+    """A teardown step that must end. Past ``seconds`` every task's stack is printed (what it
+    waits on) and the step is cancelled: if it ends then, a warning names the tasks that were
+    still being cancelled (a loop that swallowed an earlier cancellation keeps a shutdown
+    waiting until it is cancelled again); if it does not, the teardown fails instead of
+    hanging the session."""
+    task = asyncio.ensure_future(step)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if task in done:
+        return task.result()
+    for other in asyncio.all_tasks():
+        print(f"--- {other.get_name()}", file=sys.stderr)
+        other.print_stack(file=sys.stderr)
+    stuck = sorted(
+        t.get_name()
+        for t in asyncio.all_tasks()
+        if t is not task and not t.done() and t.cancelling()
+    )
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if task not in done:
+        raise AssertionError(f"{what} did not end in {seconds:g} s, even cancelled")
+    if not task.cancelled():
+        task.exception()  # retrieved: cut short, its outcome no longer matters
+    warnings.warn(
+        f"{what} did not end in {seconds:g} s; it ended once cancelled again (tasks still being"
+        f" cancelled: {', '.join(stuck) or 'none'})",
+        stacklevel=2,
+    )
 
 
 @contextlib.asynccontextmanager
@@ -324,6 +383,11 @@ async def distributed_stack(
 
 
 MODES = ["local", "rabbit", "distributed"]
+
+one_mode = pytest.mark.parametrize("stack", ["local"], indirect=True)
+"""For a test whose requests are all refused: nothing it does crosses the bus, so the
+all-in-one stack (``stack`` in its ``local`` mode) is enough; the modes differ in how events
+travel, not in how a request is refused."""
 
 
 def stack_settings(mongo_url: str, amqp_url: str | None) -> Settings:
@@ -353,6 +417,15 @@ async def own_stack(mongo_url: str) -> AsyncIterator[Stack]:
     """The all-in-one stack on the in-process bus with a database of its own, for a module
     whose tests count an app's documents before and after (quick in a small database)."""
     async with allinone_stack("local", stack_settings(mongo_url, None)) as built:
+        yield built
+
+
+@pytest.fixture(scope="session")
+async def two_replicas(mongo_url: str, amqp_url: str, workdir: Path) -> AsyncIterator[Stack]:
+    """The distributed stack with two replicas of every service (one cluster for every module
+    that tests replicas racing; started once: a cluster takes seconds to start)."""
+    settings = stack_settings(mongo_url, amqp_url)
+    async with distributed_stack(settings, workdir, dict.fromkeys(SERVICES, 2)) as built:
         yield built
 
 

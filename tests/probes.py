@@ -55,7 +55,8 @@ async def app_documents(db: Database, appid: int) -> dict[str, int]:
 
 @contextlib.asynccontextmanager
 async def nothing_written(stack: Stack, appid: int, quiet: float = 0.3) -> AsyncIterator[None]:
-    """The block stores no document of the app and publishes no event of it. Work still under
+    """The block stores no document of the app and publishes no event of it (whatever was
+    published arrived before the recorder's sentinel: ``Recorder.published``). Work still under
     way when it starts (consumers storing earlier notifications) is waited for first."""
     before = await app_documents(stack.db, appid)
     while True:
@@ -67,7 +68,7 @@ async def nothing_written(stack: Stack, appid: int, quiet: float = 0.3) -> Async
     async with stack.recorder(appid) as events:
         started = utcnow()
         yield
-        received = await events.settle(quiet)
+        received = await events.published(quiet)
     # Earlier changes' events may be published again (the outbox relay, when a slow machine
     # clears an outbox late): only an event that occurred in the block counts.
     assert [e for e in received if e.occurred_at >= started] == []

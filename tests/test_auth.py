@@ -14,7 +14,7 @@ import pytest
 from services.auth.repository import AuthRepository, User
 from shared.events import TokenGranted, UserSettingsChanged
 
-from .conftest import App, Stack, basic, md5_hex
+from .conftest import App, Stack, basic, md5_hex, one_mode
 
 INVALID_APPID = {"meta": {"code": 400, "message": "非法的appid"}}
 INVALID_PARAM = {"meta": {"code": 400, "message": "invalid param"}}
@@ -59,7 +59,7 @@ async def test_grant_returns_a_permanent_token_and_publishes(stack: Stack) -> No
             (app.appid, 13635273143, ""),
         ]
         assert len({e.event_id for e in received}) == 2
-        assert await events.settle() == received
+        assert await events.published() == received
 
     doc = await user_doc(stack, app.appid, 13635273143)
     assert doc is not None
@@ -78,6 +78,7 @@ async def test_grant_ignores_content_type_and_extra_fields(stack: Stack) -> None
     assert status == 200 and TOKEN_RE.match(body["data"]["token"])
 
 
+@one_mode
 @pytest.mark.parametrize(
     "header",
     [
@@ -99,6 +100,7 @@ async def test_grant_refuses_malformed_credentials(stack: Stack, header: str | N
     assert resp.content_type == "application/json"
 
 
+@one_mode
 async def test_grant_checks_the_secret(stack: Stack) -> None:
     app = await stack.new_app()
     other = await stack.new_app()
@@ -123,9 +125,10 @@ async def test_grant_checks_the_secret(stack: Stack) -> None:
             headers={"Authorization": basic(app.appid, md5_hex(app.secret).upper())},
         )
         assert status == 200
-        assert [type(e) for e in await events.settle()] == [TokenGranted]
+        assert [type(e) for e in await events.published()] == [TokenGranted]
 
 
+@one_mode
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
@@ -154,7 +157,7 @@ async def test_grant_refuses_bad_bodies_and_changes_nothing(
             "POST", "/auth/grant", data=raw, headers=app.server_auth
         )
         assert (status, body) == (400, expected)
-        assert await events.settle(0.3) == []
+        assert await events.published(0.3) == []
     assert await uids(stack, app.appid) == []
 
 
@@ -209,7 +212,7 @@ async def test_each_setting_alone(stack: Stack, method: str) -> None:
             assert isinstance(event, UserSettingsChanged)
             assert event.appid == app.appid and event.uid == uid
             assert event.model_dump(include=set(payload), mode="json") == payload
-        assert len(await events.settle()) == len(cases)
+        assert len(await events.published()) == len(cases)
 
 
 async def test_settings_apply_every_known_key_in_one_request(stack: Stack) -> None:
@@ -233,6 +236,7 @@ async def test_settings_keep_the_token_and_name_from_grant(stack: Stack) -> None
     assert again == granted
 
 
+@one_mode
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
@@ -258,10 +262,11 @@ async def test_settings_refuse_bad_bodies_and_change_nothing(
     async with stack.recorder(app.appid) as events:
         status, body, _ = await stack.request("POST", "/users/6", data=raw, headers=app.server_auth)
         assert (status, body) == (400, expected)
-        assert await events.settle(0.3) == []
+        assert await events.published(0.3) == []
     assert await user_doc(stack, app.appid, 6) is None
 
 
+@one_mode
 async def test_settings_need_server_credentials(stack: Stack) -> None:
     app = await stack.new_app()
     for headers in ({}, {"Authorization": basic(app.appid, md5_hex("x"))}):
@@ -322,7 +327,7 @@ async def test_apps_cannot_reach_each_others_users(stack: Stack) -> None:
                 headers={"Authorization": basic(a.appid, credential)},
             )
             assert (status, body) == (400, INVALID_APPID)
-        assert await a_events.settle() == []  # nothing happened in app A
+        assert await a_events.published() == []  # nothing happened in app A
     a_doc = await user_doc(stack, a.appid, 100)
     b_doc = await user_doc(stack, b.appid, 100)
     assert a_doc is not None and b_doc is not None

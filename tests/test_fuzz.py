@@ -205,9 +205,10 @@ async def test_no_route_answers_5xx_or_writes_when_refusing(
     if status >= 400:
         assert content_type == "application/json", (route.method, path, status, answer[:200])
         assert json.loads(answer)["meta"]["code"] == status
-        await asyncio.sleep(0.02)  # an event published by the request would be here by now
-        # (An event published again by the outbox relay occurred before this request.)
-        new = [e for e in target.recorder.events[events:] if e.occurred_at >= started]
+        # Every event published so far has arrived once the recorder's sentinel has. (An
+        # event published again by the outbox relay occurred before this request.)
+        arrived = await target.recorder.published()
+        new = [e for e in arrived[events:] if e.occurred_at >= started]
         assert new == [], (route.method, path, status)
         assert await app_documents(stack.db, target.appid) == before, (route.method, path)
         target.known = before

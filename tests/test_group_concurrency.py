@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,18 +14,11 @@ import pytest
 from services.groups.repository import GroupsRepository
 from shared.events import Event, GroupCreated, GroupMembersAdded
 
-from .conftest import App, Stack, allinone_stack, distributed_stack, stack_settings
+from .conftest import App, Stack, allinone_stack, stack_settings
 
 CREATES = 400
 CLIENTS = 32
 ADDS = 40
-
-
-@pytest.fixture(scope="module")
-async def two_replicas(mongo_url: str, amqp_url: str, workdir: Path) -> AsyncIterator[Stack]:
-    settings = stack_settings(mongo_url, amqp_url)
-    async with distributed_stack(settings, workdir, {"groups": 2, "messages": 2}) as built:
-        yield built
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +61,7 @@ async def test_concurrent_creates_get_distinct_ids(any_stack: Stack) -> None:
     async with stack.recorder(app.appid, "group.created") as events:
         await asyncio.gather(*(client() for _ in range(CLIENTS)))
         await events.wait_for(CREATES, timeout=60)
-        created = distinct(await events.settle())
+        created = distinct(await events.published())
     assert [a for a in answers if a[0] != 200] == []
     gids = [reply["data"]["group_id"] for _, reply in answers]
     assert len(set(gids)) == CREATES
@@ -92,7 +84,7 @@ async def test_concurrent_adds_keep_every_member(any_stack: Stack) -> None:
         )
         assert [a for a in answers if a[0] != 200] == []
         await events.wait_for(ADDS, timeout=120)
-        added = distinct(await events.settle())
+        added = distinct(await events.published())
     group = await GroupsRepository(stack.db).get(app.appid, gid)
     assert group is not None and group.uids == [1, *newcomers]
     assert (
@@ -143,7 +135,7 @@ async def test_concurrent_changes_keep_the_last_acknowledged_values(any_stack: S
         await asyncio.gather(*(renamer(n) for n in range(4)), *(member(uid) for uid in members))
         expected = 4 * 5 * 2 + len(members) * 5 * 2
         await events.wait_for(expected, timeout=30)
-        assert len(distinct(await events.settle())) == expected
+        assert len(distinct(await events.published())) == expected
     group = await GroupsRepository(stack.db).get(app.appid, gid)
     assert group is not None
     # Each renamer changes sequentially, so the final value is one of their last ones: no

@@ -24,7 +24,7 @@ from shared.events import (
 )
 from shared.web import Deps
 
-from .conftest import App, Stack
+from .conftest import App, Stack, bounded, one_mode
 
 INVALID_PARAM = {"meta": {"code": 400, "message": "invalid param"}}
 NON_EXISTS = {"meta": {"code": 400, "message": "group non exists"}}
@@ -61,7 +61,7 @@ async def test_peer_message(stack: Stack) -> None:
         )
         assert (status, reply) == (200, "")
         (event,) = await events.wait_for(1)
-        assert await events.settle(0.3) == [event]
+        assert await events.published(0.3) == [event]
     for uid in (1, 2):  # the receiver's inbox and the sender's own
         (entry,) = await stack.inbox(app.appid, f"u:{uid}")
         assert (entry["cmd"], entry["sender"], entry["receiver"], entry["content"]) == (
@@ -76,6 +76,7 @@ async def test_peer_message(stack: Stack) -> None:
     assert sorted((k.uid, k.key) for k in event.keys) == [(1, 1), (2, 1)]
 
 
+@one_mode
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
@@ -98,7 +99,7 @@ async def test_peer_message_refuses_bad_bodies(
             "POST", "/messages/peers", data=raw, headers=app.server_auth
         )
         assert (status, reply) == (400, expected)
-        assert await events.settle(0.3) == []
+        assert await events.published(0.3) == []
     assert await stack.db["messages_entries"].count_documents({"appid": app.appid}) == 0
 
 
@@ -166,7 +167,7 @@ async def test_group_message_to_unknown_or_foreign_group(stack: Stack) -> None:
                 stack, app, "/messages/groups", {"sender": 1, "receiver": target, "content": "x"}
             )
             assert (status, reply) == (400, NON_EXISTS)
-        assert await a_events.settle(0.3) == []
+        assert await a_events.published(0.3) == []
     assert len(await stack.inbox(a.appid, "u:1")) == 1  # nothing delivered into A's group
     assert await stack.db["messages_entries"].count_documents({"appid": b.appid}) == 0
 
@@ -341,7 +342,7 @@ async def parley_with(stack: Stack, **settings: Any) -> AsyncIterator[str]:
     try:
         yield str(server.make_url("")).rstrip("/")
     finally:
-        await server.close()
+        await bounded(server.close(), "another Parley's shutdown")
 
 
 async def test_disabled_apps_cannot_inject(local_stack: Stack) -> None:

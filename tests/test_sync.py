@@ -5,14 +5,10 @@ messages service on one RabbitMQ and one database."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
-
-import pytest
 
 from services.messages.repository import Entry, MessagesRepository
 
-from .conftest import Stack, distributed_stack, stack_settings
+from .conftest import Stack
 
 WRITERS = 8
 PER_WRITER = 20
@@ -82,13 +78,6 @@ async def run_sync_check(stack: Stack) -> None:
 
 async def test_sync_never_skips(stack: Stack) -> None:
     await run_sync_check(stack)
-
-
-@pytest.fixture(scope="module")
-async def two_replicas(mongo_url: str, amqp_url: str, workdir: Path) -> AsyncIterator[Stack]:
-    settings = stack_settings(mongo_url, amqp_url)
-    async with distributed_stack(settings, workdir, {"messages": 2}) as built:
-        yield built
 
 
 async def test_sync_never_skips_with_two_messages_replicas(two_replicas: Stack) -> None:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,18 +15,11 @@ from services.auth.repository import AuthRepository
 from services.customer.domain import CustomerDomain
 from shared.events import CustomerRegistered, TokenGranted, UserSettingsChanged
 
-from .conftest import App, Stack, distributed_stack, md5_hex, stack_settings
+from .conftest import App, Stack, md5_hex
 
 REGISTRATIONS = 400
 CLIENTS = 32
 CHANGES = 40
-
-
-@pytest.fixture(scope="module")
-async def two_replicas(mongo_url: str, amqp_url: str, workdir: Path) -> AsyncIterator[Stack]:
-    settings = stack_settings(mongo_url, amqp_url)
-    async with distributed_stack(settings, workdir, {"auth": 2, "customer": 2}) as built:
-        yield built
 
 
 @pytest.fixture(params=["local", "two-replicas"])
@@ -60,7 +51,7 @@ async def test_concurrent_first_grants_return_one_token(any_stack: Stack) -> Non
         )
         assert status == 200
         # One grant created the token; the others changed nothing and published nothing.
-        assert len({e.event_id for e in await events.settle()}) == 1
+        assert len({e.event_id for e in await events.published()}) == 1
     user = await AuthRepository(stack.db).user(app.appid, 42)
     assert user is not None and user.token == token
 
@@ -96,7 +87,7 @@ async def test_concurrent_changes_of_one_user_lose_nothing(any_stack: Stack) -> 
         # (consumers deduplicate by event id).
         received = [
             e
-            for e in {e.event_id: e for e in await events.settle()}.values()
+            for e in {e.event_id: e for e in await events.published()}.values()
             if not (isinstance(e, UserSettingsChanged) and e.forbidden is not None)
         ]
         assert len(received) == expected, [e.model_dump(mode="json") for e in received]
@@ -145,7 +136,7 @@ async def test_concurrent_registrations_get_distinct_client_ids(any_stack: Stack
     async with stack.recorder(app.appid, "customer.registered") as events:
         await asyncio.gather(*(client() for _ in range(CLIENTS)))
         await events.wait_for(REGISTRATIONS, timeout=60)
-        registered = list({e.event_id: e for e in await events.settle()}.values())
+        registered = list({e.event_id: e for e in await events.published()}.values())
     refused = [(status, reply) for status, reply in answers if status != 200]
     assert not refused, refused
     client_ids = [reply["data"]["client_id"] for _, reply in answers]
