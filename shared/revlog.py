@@ -53,6 +53,8 @@ log = structlog.get_logger("parley.revlog")
 State = Document
 Fold = Callable[[State | None, Document], State | None]
 AfterCommit = Callable[["Revision"], Awaitable[None]]
+# A change: from the current state, (delta, events), or None for nothing to change.
+Compute = Callable[["Versioned"], tuple[Document, Sequence[Event]] | None]
 
 CACHE_SIZE = 50_000
 DUPLICATE_KEY = 11000
@@ -240,7 +242,7 @@ class RevLog:
     async def change(
         self,
         key: str,
-        compute: Callable[[Versioned], tuple[Document, Sequence[Event]] | None],
+        compute: Compute,
         *,
         bus: Bus | None,
         request_id: str = "",
@@ -260,7 +262,7 @@ class RevLog:
     async def _change(
         self,
         key: str,
-        compute: Callable[[Versioned], tuple[Document, Sequence[Event]] | None],
+        compute: Compute,
         bus: Bus | None,
         request_id: str,
         new: bool,

@@ -61,11 +61,27 @@ from shared.web import Deps
 
 configure_logging(level=os.environ.get("PARLEY_TEST_LOG_LEVEL", "warning"), cache=False)
 
+# The ``parley`` command as the tests start it.
+PARLEY = [sys.executable, "-m", "parley.cli"]
 EVENT_WAIT = 10.0
 TEST_DEADLINE = 60.0
 # An all-in-one stack shuts down in well under a second; one still shutting down after this
 # long is waiting on something that will not end by itself.
 SHUTDOWN_BOUND = 60.0
+
+
+def parley_run_argv(http: int, mongo: int, data: Path) -> list[str]:
+    """``parley run`` on loopback: its HTTP port, its FerretDB's port and its data directory."""
+    return [
+        *PARLEY,
+        "run",
+        "--http-addr",
+        f"127.0.0.1:{http}",
+        "--data",
+        str(data),
+        "--embedded-mongo-addr",
+        f"127.0.0.1:{mongo}",
+    ]
 
 
 class Sentinel(Event):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -12,7 +13,7 @@ import aiohttp
 
 from shared.events import utcnow
 from shared.mongo import Database
-from shared.storecount import StoreCommand
+from shared.storecount import STORE_COMMANDS, StoreCommand
 
 from .conftest import Stack
 
@@ -103,3 +104,14 @@ async def explained_by_id(db: Database, commands: Sequence[StoreCommand]) -> set
             assert explained["filterPushdown"] is True, (command.collection, query)
             checked.add(command.collection)
     return checked
+
+
+async def counted(
+    stack: Stack, method: str, path: str, headers: dict[str, str], body: Any = None
+) -> tuple[int, Any, int]:
+    """(status, body, store commands the services issued for it)."""
+    rid = f"count-{uuid.uuid4().hex}"
+    status, reply, _ = await stack.request(
+        method, path, json=body, headers={**headers, "X-Request-ID": rid}
+    )
+    return status, reply, STORE_COMMANDS.count(rid)

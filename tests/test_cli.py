@@ -11,7 +11,6 @@ import os
 import re
 import shlex
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +25,7 @@ from shared.mongo import make_client
 from shared.routing import SERVICES
 from shared.settings import Settings
 
-PARLEY = [sys.executable, "-m", "parley.cli"]
+from .conftest import PARLEY, parley_run_argv
 
 
 def parley(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -47,16 +46,7 @@ def running(tmp_path: Path) -> Iterator[tuple[str, str, Path]]:
     out = tmp_path / "run.out"
     with open(out, "w") as sink:
         process = subprocess.Popen(
-            [
-                *PARLEY,
-                "run",
-                "--http-addr",
-                f"127.0.0.1:{http}",
-                "--data",
-                str(tmp_path / "data"),
-                "--embedded-mongo-addr",
-                f"127.0.0.1:{mongo}",
-            ],
+            parley_run_argv(http, mongo, tmp_path / "data"),
             stdout=sink,
             stderr=subprocess.STDOUT,
             cwd=REPO_ROOT,

@@ -13,18 +13,7 @@ import structlog
 from shared.storecount import BACKGROUND, STORE_COMMANDS, StoreCommand
 
 from .conftest import Stack
-from .probes import explained_by_id
-
-
-async def counted(
-    stack: Stack, method: str, path: str, headers: dict[str, str], body: Any = None
-) -> tuple[int, Any, int]:
-    """(status, body, store commands the services issued for it)."""
-    rid = f"count-{uuid.uuid4().hex}"
-    status, reply, _ = await stack.request(
-        method, path, json=body, headers={**headers, "X-Request-ID": rid}
-    )
-    return status, reply, STORE_COMMANDS.count(rid)
+from .probes import counted, explained_by_id
 
 
 async def test_store_commands_per_group_request(local_stack: Stack) -> None:

@@ -31,7 +31,7 @@ from shared.events import utcnow
 from shared.storecount import BACKGROUND, STORE_COMMANDS, StoreCommand
 
 from .conftest import App, Stack, _prepared_db, allinone_stack, stack_settings
-from .probes import explained_by_id
+from .probes import counted, explained_by_id
 
 # A history read by a process that has never seen the inbox: its hint, the keys after it with
 # the open chunk's entries (one ``$in``), the copies of the whole chunks below (one ``$in``).
@@ -44,17 +44,6 @@ async def own_stack(mongo_url: str) -> AsyncIterator[Stack]:
     which would slow the other tests' whole-collection reads of the shared one."""
     async with allinone_stack("local", stack_settings(mongo_url, None)) as built:
         yield built
-
-
-async def counted(
-    stack: Stack, method: str, path: str, headers: dict[str, str], body: Any = None
-) -> tuple[int, Any, int]:
-    """(status, body, store commands the services issued for it)."""
-    rid = f"count-{uuid.uuid4().hex}"
-    status, reply, _ = await stack.request(
-        method, path, json=body, headers={**headers, "X-Request-ID": rid}
-    )
-    return status, reply, STORE_COMMANDS.count(rid)
 
 
 async def fill(stack: Stack, app: App, receiver: int, count: int) -> None:

@@ -22,7 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from parley.servers import REPO_ROOT, free_port, port_open
 
-PARLEY = [sys.executable, "-m", "parley.cli"]
+from .conftest import PARLEY, parley_run_argv
+
 REQUEST_TIMEOUT = 2.0
 
 
@@ -55,16 +56,7 @@ def start_run(tmp_path: Path, http: int, mongo: int, name: str = "run") -> Run:
     out = tmp_path / f"{name}.out"
     with open(out, "wb") as sink:
         process = subprocess.Popen(
-            [
-                *PARLEY,
-                "run",
-                "--http-addr",
-                f"127.0.0.1:{http}",
-                "--data",
-                str(tmp_path / "data"),
-                "--embedded-mongo-addr",
-                f"127.0.0.1:{mongo}",
-            ],
+            parley_run_argv(http, mongo, tmp_path / "data"),
             stdout=sink,
             stderr=subprocess.STDOUT,
             cwd=REPO_ROOT,

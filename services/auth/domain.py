@@ -20,10 +20,10 @@ from shared.errors import INVALID_APPID, INVALID_IP, InvalidParam, InvalidToken,
 from shared.events import AppCreated, DoNotDisturb, Event, TokenGranted, UserSettingsChanged
 from shared.internal import TokenIssuer, UidTaken
 from shared.mongo import Document
-from shared.revlog import Conflict, Versioned
+from shared.revlog import Compute, Conflict, Versioned
 from shared.settings import Settings
 
-from .repository import AppRecord, AuthRepository, Compute
+from .repository import AppRecord, AuthRepository
 
 TOKEN_ALPHABET = string.ascii_letters + string.digits
 TOKEN_LENGTH = 30

@@ -35,7 +35,7 @@ from shared.events import Event, utcnow
 from shared.idblocks import IdBlocks
 from shared.legacy import insert_new, outbox_events, write_first_revisions
 from shared.mongo import Collection, Database, Document
-from shared.revlog import Revision, RevLog, Versioned
+from shared.revlog import Compute, Revision, RevLog, Versioned
 
 log = structlog.get_logger("parley.auth.repository")
 
@@ -49,8 +49,6 @@ MIGRATED = "migrated:auth"
 MIGRATION_BATCH = 500
 
 INDEXES: dict[str, list[IndexModel]] = {}
-
-Compute = Callable[[Versioned], tuple[Document, Sequence[Event]] | None]
 
 
 class AppRecord(BaseModel):

@@ -25,7 +25,6 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
 from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict
@@ -33,11 +32,11 @@ from pymongo import IndexModel
 from pymongo.errors import DuplicateKeyError
 
 from shared.bus import Bus
-from shared.events import Event, utcnow
+from shared.events import utcnow
 from shared.idblocks import IdBlocks
 from shared.legacy import insert_new, outbox_events, write_first_revisions
 from shared.mongo import Collection, Database, Document
-from shared.revlog import RevLog, Versioned
+from shared.revlog import Compute, RevLog, Versioned
 
 DESKS = "customer_desk"
 VISITORS = "customer_visitor"
@@ -52,8 +51,6 @@ MIGRATED = "migrated:customer"
 CLIENT_ID_BLOCK = 32
 
 INDEXES: dict[str, list[IndexModel]] = {}
-
-Compute = Callable[[Versioned], tuple[Document, Sequence[Event]] | None]
 
 
 class Agent(BaseModel):

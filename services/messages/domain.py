@@ -117,6 +117,8 @@ class MessagesDomain:
         todo = [p for p in posts if p.id not in done]
         if not todo:
             return
+        # Where each goes and what is stored (a post recorded earlier under the same id was
+        # derived from the same event: the same placement).
         placements = [self._placement(p) for p in todo]
         plan = await self.repo.plan(todo[0].appid, {o for owners, _ in placements for o in owners})
         for post, (owners, _) in zip(todo, placements, strict=True):
@@ -131,7 +133,7 @@ class MessagesDomain:
             self._in_flight[post.id] = self._in_flight.get(post.id, 0) + 1
         try:
             items = [
-                (o, p.id, f) for p, (o, f) in zip(todo, map(self._placement, todo), strict=True)
+                (owners, p.id, fields) for p, (owners, fields) in zip(todo, placements, strict=True)
             ]
             keys = await self.repo.append_batch(todo[0].appid, items, plan)
             for post in todo:

@@ -92,7 +92,6 @@ KEY_CACHE_SIZE = 100_000
 OPEN_CHUNKS = 10_000
 APPENDED_SIZE = 2_000
 MAX_ROUNDS = 1_000
-READS_AT_ONCE = 4
 RECENT_CHUNKS = 2_000
 FLUSH_INTERVAL = 0.05
 # Keys read past the last one known, in one command: this process's own knowledge is seldom
@@ -280,7 +279,6 @@ class MessagesRepository:
         self._open: OrderedDict[str, list[Document]] = OrderedDict()
         self._recent: OrderedDict[str, list[Document]] = OrderedDict()  # chunk id -> entries
         self._flusher: asyncio.Task[None] | None = None
-        self._reads = asyncio.Semaphore(READS_AT_ONCE)
 
     # ---- appending ----
 
@@ -302,17 +300,8 @@ class MessagesRepository:
                 plan[owner] = int(hint.get("seq", 0)) + 1 if hint else 1
         return plan
 
-    async def _by_id(
-        self, collection: Collection, doc_id: str, fields: dict[str, int] | None = None
-    ) -> Document | None:
-        """One document by ``_id``. Many at once (a cold fan-out, a chunk to copy) take turns
-        a few at a time: thousands of concurrent commands cost the local store far more than
-        the same commands a few at a time."""
-        async with self._reads:
-            return await collection.find_one({"_id": doc_id}, fields)
-
     async def _hint(self, inbox: str) -> int:
-        doc = await self._by_id(self.counters, inbox, {"seq": 1})
+        doc = await self.counters.find_one({"_id": inbox}, {"seq": 1})
         return int(doc.get("seq", 0)) if doc else 0
 
     async def append(
