@@ -37,6 +37,7 @@ from aio_pika.abc import (
 )
 
 from shared.events import Event, MalformedEvent, parse_event
+from shared.loops import stop_if_cancelled
 from shared.metrics import (
     CONFIRM_SECONDS,
     EVENTS_CONSUMED,
@@ -491,6 +492,7 @@ class LocalBus(Bus):
                 queue.items.put_nowait(delivery)
             elif outcome == "dead":
                 self._dead.append(DeadLetter(delivery.routing_key, delivery.body, queue.name))
+            stop_if_cancelled()  # a handler's driver may have swallowed the cancellation
 
     async def _stop_worker(self, queue: _LocalQueue, worker: asyncio.Task[None]) -> None:
         queue.workers.discard(worker)
