@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from parley.deploy import render_service_balancer
-from parley.servers import Process, free_port, start_nginx, start_service
+from parley.servers import Process, free_port, start_nginx, start_service, stop_all
 from shared.gateway import render_nginx
 from shared.routing import SERVICES
 from shared.settings import Settings, split_addr
@@ -25,8 +25,7 @@ class Cluster:
     processes: list[Process] = field(default_factory=list)
 
     def stop(self) -> None:
-        for process in reversed(self.processes):
-            process.stop()
+        stop_all(self.processes)
 
 
 def start_cluster(

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,15 +146,7 @@ class Process:
     stop_signal: int = signal.SIGTERM
 
     def stop(self, timeout: float = 20.0) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(self.stop_signal)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
-        for companion in self.companions:
-            companion.stop(timeout)
+        stop_all([self], timeout)
 
     def kill(self) -> None:
         if self.popen.poll() is None:
@@ -168,6 +160,25 @@ class Process:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+def stop_all(processes: Sequence[Process], timeout: float = 20.0) -> None:
+    """Ask every process to stop at once, then wait for them together (a process still
+    running after ``timeout`` is killed); then their companions, the same way. A cluster's
+    shutdown takes as long as its slowest process, not the sum of them."""
+    running = [p for p in processes if p.popen.poll() is None]
+    for process in running:
+        process.popen.send_signal(process.stop_signal)
+    deadline = time.monotonic() + timeout
+    for process in running:
+        try:
+            process.popen.wait(max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            process.popen.kill()
+            process.popen.wait(5)
+    companions = [c for p in processes for c in p.companions]
+    if companions:
+        stop_all(companions, timeout)
 
 
 PR_SET_PDEATHSIG = 1
