@@ -17,6 +17,8 @@ from shared.events import GroupMembersAdded, GroupMembersRemoved
 
 from .conftest import App, Stack, allinone_stack, stack_settings
 
+pytestmark = pytest.mark.slow  # a 10,000-member group (``-m "not slow"`` leaves it out)
+
 MEMBERS = 10_000
 CHUNK = 1_000
 MAX_DOCUMENT = 2 * 1024 * 1024

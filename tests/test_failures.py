@@ -31,6 +31,9 @@ from shared.events import Event, PeerMessage, TokenGranted
 
 from .conftest import App, Stack, distributed_stack, stack_settings, unique
 
+# Processes killed and brokers restarted: slow (``-m "not slow"`` leaves them out; CI runs them).
+pytestmark = pytest.mark.slow
+
 REPLICAS = {"auth": 2, "groups": 2, "messages": 2, "customer": 2}
 SETTLE = 30.0
 

@@ -393,6 +393,7 @@ async def test_the_test_broker_is_loopback_only_private_and_without_guest(
     await assert_guest_refused(int(rabbitmq.extra["port"]), rabbitmq.extra["url"])
 
 
+@pytest.mark.slow
 async def test_a_restarted_broker_keeps_its_cookie_and_user_and_its_epmd_goes(
     workdir: Path,
 ) -> None:

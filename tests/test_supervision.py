@@ -24,6 +24,9 @@ from parley.servers import REPO_ROOT, free_port, port_open
 
 from .conftest import PARLEY, parley_run_argv
 
+# Processes killed, stalled and restarted: slow (``-m "not slow"`` leaves them out; CI runs them).
+pytestmark = pytest.mark.slow
+
 REQUEST_TIMEOUT = 2.0
 
 
