@@ -33,7 +33,7 @@ from shared.gateway import render_ingress, render_nginx
 from shared.logs import configure_logging
 from shared.mongo import ensure_indexes, make_client
 from shared.routing import ROUTES, SERVICES
-from shared.server import run_app
+from shared.server import Listening, run_app
 from shared.settings import (
     EMBEDDED_MONGO_ADDR,
     EMBEDDED_MONGO_URL,
@@ -84,7 +84,9 @@ async def _dump_tasks_on_sigusr1(app: web.Application) -> None:
     asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, dump)
 
 
-def _run_app(app: web.Application, settings: Settings) -> None:
+def _run_app(
+    app: web.Application, settings: Settings, on_listening: Listening | None = None
+) -> None:
     app.on_startup.append(_dump_tasks_on_sigusr1)
     host, port = split_addr(settings.http_addr)
     try:
@@ -93,7 +95,8 @@ def _run_app(app: web.Application, settings: Settings) -> None:
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         pass
-    run_app(app, host, port)  # web.run_app, minus echoing malformed requests (shared/server.py)
+    # web.run_app, minus echoing malformed requests (shared/server.py)
+    run_app(app, host, port, on_listening)
 
 
 # ---- parley run ---------------------------------------------------------------------------
@@ -132,11 +135,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if store is not None:
             app.cleanup_ctx.append(store.supervise_ctx)
 
-        async def announce(app: web.Application) -> None:
-            await _print_welcome(settings)
-
-        app.on_startup.append(announce)
-        _run_app(app, settings)
+        # The banner once the port accepts connections: whoever reads it may call at once.
+        _run_app(app, settings, lambda: _print_welcome(settings))
     finally:
         if store is not None:
             store.stop()

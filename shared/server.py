@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
 
@@ -75,19 +76,33 @@ class ParleyRunner(web.AppRunner):
         )
 
 
-async def serve(app: web.Application, host: str, port: int, **runner_kwargs: Any) -> None:
+Listening = Callable[[], Awaitable[None]]
+
+
+async def serve(
+    app: web.Application,
+    host: str,
+    port: int,
+    on_listening: Listening | None = None,
+    **runner_kwargs: Any,
+) -> None:
     """Serve ``app`` on ``host:port`` until cancelled (or SIGINT/SIGTERM, with
-    ``handle_signals=True``); the app is cleaned up on the way out."""
+    ``handle_signals=True``); the app is cleaned up on the way out. ``on_listening`` runs
+    once the port accepts connections (what a banner saying "listening" must wait for)."""
     runner = ParleyRunner(app, access_log=None, **runner_kwargs)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()
+        if on_listening is not None:
+            await on_listening()
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()
 
 
-def run_app(app: web.Application, host: str, port: int) -> None:
+def run_app(
+    app: web.Application, host: str, port: int, on_listening: Listening | None = None
+) -> None:
     """Serve ``app`` until SIGINT or SIGTERM, then shut it down cleanly."""
     with contextlib.suppress(web.GracefulExit, KeyboardInterrupt):
-        asyncio.run(serve(app, host, port, handle_signals=True))
+        asyncio.run(serve(app, host, port, on_listening, handle_signals=True))
