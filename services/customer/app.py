@@ -29,7 +29,6 @@ from shared.web import (
     cors_preflight,
     database_ctx,
     outbox_ctx,
-    require_internal,
     service_app,
     verifier_ctx,
 )
@@ -132,7 +131,6 @@ class PresenceRequest(BaseModel):
 
 
 async def internal_customer(request: web.Request) -> web.Response:
-    require_internal(request)
     appid = required_query_id(request, "appid")
     customer_id = request.query.get("customer_id", "")
     directory = LocalCustomerDirectory(domain(request))
@@ -143,7 +141,6 @@ async def internal_customer(request: web.Request) -> web.Response:
 
 
 async def internal_store_sellers(request: web.Request) -> web.Response:
-    require_internal(request)
     store_id = path_id(request, "store_id")
     appid = required_query_id(request, "appid")
     sellers = await LocalCustomerDirectory(domain(request)).store_sellers(appid, store_id)
@@ -153,7 +150,6 @@ async def internal_store_sellers(request: web.Request) -> web.Response:
 
 
 async def internal_presence(request: web.Request) -> web.Response:
-    require_internal(request)
     seller_id = path_id(request, "seller_id")
     body = parse_model(PresenceRequest, await read_json(request))
     if not await domain(request).set_presence(seller_id, body.status):
@@ -203,15 +199,15 @@ HANDLERS = {
     "customer_register": customer_register,
     "supporters": supporters,
     "cors_preflight": cors_preflight,
+    "internal_customer": internal_customer,
+    "internal_store_sellers": internal_store_sellers,
+    "internal_presence": internal_presence,
 }
 
 
 def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
     deps = deps or Deps()
     app = service_app(SERVICE, settings, HANDLERS)
-    app.router.add_get("/internal/customers", internal_customer)
-    app.router.add_get("/internal/stores/{store_id:[0-9]+}/sellers", internal_store_sellers)
-    app.router.add_post("/internal/agents/{seller_id:[0-9]+}/presence", internal_presence)
 
     async def domain_ctx(app: web.Application) -> AsyncIterator[None]:
         tokens: TokenIssuer = deps.tokens or HttpTokenIssuer(

@@ -50,7 +50,6 @@ from shared.web import (
     bus_ctx,
     database_ctx,
     outbox_ctx,
-    require_internal,
     service_app,
     verifier_ctx,
 )
@@ -527,7 +526,6 @@ async def client_member_settings(request: web.Request) -> web.Response:
 async def internal_get_group(request: web.Request) -> web.Response:
     """The group as it is now (or as of ``revision``), for the messages service (404: none in
     that app, or that revision is not committed)."""
-    require_internal(request)
     gid = path_id(request, "gid")
     appid = required_query_id(request, "appid")
     revision = query_id(request, "revision")
@@ -651,13 +649,13 @@ HANDLERS = {
     "client_remove_member": client_remove_member,
     "client_remove_members": client_remove_members,
     "client_member_settings": client_member_settings,
+    "internal_get_group": internal_get_group,
 }
 
 
 def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
     deps = deps or Deps()
     app = service_app(SERVICE, settings, HANDLERS)
-    app.router.add_get("/internal/groups/{gid:[0-9]+}", internal_get_group)
 
     async def domain_ctx(app: web.Application) -> AsyncIterator[None]:
         repo = GroupsRepository(app[DB])

@@ -44,7 +44,6 @@ from shared.web import (
     bus_ctx,
     cors_preflight,
     database_ctx,
-    require_internal,
     service_app,
     verifier_ctx,
 )
@@ -269,7 +268,6 @@ class SyncKeyRequest(BaseModel):
 async def internal_inbox(request: web.Request) -> web.Response:
     """``GET /internal/inbox?appid&uid|gid&after&limit``: entries after a sync key, oldest
     first, never past a gap (what a delivery server answers SYNC with)."""
-    require_internal(request)
     appid = query_id(request, "appid")
     uid, gid = query_id(request, "uid"), query_id(request, "gid")
     if appid is None or (uid is None) == (gid is None):
@@ -282,14 +280,12 @@ async def internal_inbox(request: web.Request) -> web.Response:
 
 
 async def internal_sync_key(request: web.Request) -> web.Response:
-    require_internal(request)
     body = parse_model(SyncKeyRequest, await read_json(request))
     await domain(request).repo.set_sync_key(body.appid, user_inbox(body.uid), body.key)
     return empty_ok()
 
 
 async def internal_customer_message(request: web.Request) -> web.Response:
-    require_internal(request)
     body = parse_model(CustomerMessageRequest, await read_json(request))
     post = await domain(request).post_customer(
         body.sender_appid,
@@ -370,15 +366,15 @@ HANDLERS = {
     "history": history,
     "dequeue": dequeue,
     "cors_preflight": cors_preflight,
+    "internal_inbox": internal_inbox,
+    "internal_sync_key": internal_sync_key,
+    "internal_customer_message": internal_customer_message,
 }
 
 
 def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
     deps = deps or Deps()
     app = service_app(SERVICE, settings, HANDLERS)
-    app.router.add_get("/internal/inbox", internal_inbox)
-    app.router.add_post("/internal/sync-key", internal_sync_key)
-    app.router.add_post("/internal/messages/customer", internal_customer_message)
 
     async def domain_ctx(app: web.Application) -> AsyncIterator[None]:
         groups: GroupDirectory = deps.groups or HttpGroupDirectory(
