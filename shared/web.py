@@ -310,10 +310,10 @@ def bus_ctx(deps: Deps, service: str) -> CleanupCtx:
             publish_timeout=settings.publish_timeout,
             connection_name=f"parley-{service}",
         )
-        await bus.start()
-        app[BUS] = bus
-        app[READY_CHECKS].update(bus.ready_checks())
         try:
+            await bus.start()  # a start that fails halfway closes what it opened below
+            app[BUS] = bus
+            app[READY_CHECKS].update(bus.ready_checks())
             yield
         finally:
             await bus.close()

@@ -17,6 +17,7 @@ from shared.http import check_length, data, parse_model, path_id, read_json, req
 from shared.ids import Id, Text, parse_id
 from shared.internal import HttpTokenIssuer, TokenIssuer
 from shared.jsonio import json_response
+from shared.lifecycle import Consumer, consumers_ctx, resource_ctx
 from shared.logs import request_id_of
 from shared.openapi import Operation, Query
 from shared.settings import Settings
@@ -39,6 +40,7 @@ from .repository import INDEXES
 SERVICE = "customer"
 log = structlog.get_logger("parley.customer")
 CUSTOMER = web.AppKey("customer_domain", CustomerDomain)
+TOKENS = web.AppKey("token_issuer", TokenIssuer)
 
 
 def domain(request: web.Request) -> CustomerDomain:
@@ -204,40 +206,43 @@ HANDLERS = {
     "internal_presence": internal_presence,
 }
 
+# Agent presence reported by delivery servers.
+CONSUMERS = (
+    Consumer(
+        "customer.presence",
+        ("agent.presence",),
+        lambda app: app[CUSTOMER].on_presence_event,
+        timeout=30.0,
+    ),
+)
+
 
 def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
     deps = deps or Deps()
     app = service_app(SERVICE, settings, HANDLERS)
 
     async def domain_ctx(app: web.Application) -> AsyncIterator[None]:
-        tokens: TokenIssuer = deps.tokens or HttpTokenIssuer(
-            settings.auth_url, settings.internal_secret
-        )
-        customer = CustomerDomain(app[DB], app[BUS], settings, tokens)
+        customer = CustomerDomain(app[DB], app[BUS], settings, app[TOKENS])
         migrated = await customer.repo.migrate()
         if migrated:
             log.info("customer data rewritten as logs from the previous shape", **migrated)
         app[CUSTOMER] = customer
         if deps.customers is None:
             deps.customers = LocalCustomerDirectory(customer)
-        subscription = await app[BUS].subscribe(
-            f"{settings.amqp_exchange}.customer.presence",
-            ["agent.presence"],
-            customer.on_presence_event,
-        )
-        try:
-            yield
-        finally:
-            await subscription.cancel()
-            if deps.tokens is None:
-                await tokens.close()
+        yield
 
     app.cleanup_ctx.extend(
         [
             database_ctx(deps, INDEXES),
             bus_ctx(deps, SERVICE),
             verifier_ctx(deps),
+            resource_ctx(
+                TOKENS,
+                lambda settings: HttpTokenIssuer(settings.auth_url, settings.internal_secret),
+                lambda: deps.tokens,
+            ),
             domain_ctx,
+            consumers_ctx(*CONSUMERS),
             outbox_ctx(lambda app: app[CUSTOMER].repo.revlogs()),
         ]
     )

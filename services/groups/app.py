@@ -24,7 +24,6 @@ from shared.errors import (
     InvalidParam,
     ParleyError,
 )
-from shared.events import Event
 from shared.http import (
     check_count,
     check_length,
@@ -39,6 +38,7 @@ from shared.http import (
 )
 from shared.ids import Flag, Id, IdOrZero, Text, parse_positive_id
 from shared.jsonio import json_response
+from shared.lifecycle import Consumer, consumers_ctx
 from shared.logs import request_id_of
 from shared.openapi import Operation, Query
 from shared.settings import Settings
@@ -652,6 +652,16 @@ HANDLERS = {
     "internal_get_group": internal_get_group,
 }
 
+# The user-name view: names shown in member lists and quit_group notifications.
+CONSUMERS = (
+    Consumer(
+        "groups.user-names",
+        ("token.granted", "user.settings.changed"),
+        lambda app: app[GROUPS].on_user_event,
+        timeout=30.0,
+    ),
+)
+
 
 def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
     deps = deps or Deps()
@@ -667,20 +677,7 @@ def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
         app[CREATION_LIMITER] = CreationLimiter(app[SETTINGS].client_groups_per_minute)
         if deps.groups is None:
             deps.groups = LocalGroupDirectory(groups)
-
-        async def on_user_event(event: Event) -> None:
-            await groups.on_user_event(event)
-
-        # The user-name view: names shown in member lists and quit_group notifications.
-        subscription = await app[BUS].subscribe(
-            f"{settings.amqp_exchange}.groups.user-names",
-            ["token.granted", "user.settings.changed"],
-            on_user_event,
-        )
-        try:
-            yield
-        finally:
-            await subscription.cancel()
+        yield
 
     app.cleanup_ctx.extend(
         [
@@ -688,6 +685,7 @@ def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
             bus_ctx(deps, SERVICE),
             verifier_ctx(deps),
             domain_ctx,
+            consumers_ctx(*CONSUMERS),
             outbox_ctx(lambda app: [app[GROUPS].repo.log]),
         ]
     )

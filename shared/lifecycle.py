@@ -1,0 +1,159 @@
+"""The lifecycle kit: how a service app opens, runs and closes what it needs.
+
+Everything a service holds while it runs is opened by one ``cleanup_ctx`` step per resource
+(open before its one ``yield``, close after), so when a later step fails at startup, aiohttp
+closes exactly the steps that had opened: nothing leaks.
+
+* ``resource_ctx``: a client with an ``async close()`` (an internal-API client, say) under a
+  typed key, or the in-process one the all-in-one runner provides, which is not closed here.
+* ``Consumer`` and ``consumers_ctx``: a service declares its event consumers as data; one step
+  subscribes them all and cancels them at stop. Each event has a deadline: a handler that
+  overruns it is cancelled, logged, and the delivery fails as any failed handler does (requeued
+  once, then dead-lettered: see ``shared/bus.py``).
+* ``periodic_ctx``: a background pass run every few seconds, whose failures are logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+import structlog
+from aiohttp import web
+
+from shared.bus import EventHandler, Subscription
+from shared.events import Event
+from shared.loops import run_every
+from shared.settings import Settings
+from shared.web import BUS, SETTINGS, CleanupCtx
+
+log = structlog.get_logger("parley.lifecycle")
+
+
+# ---- resources ----------------------------------------------------------------------------
+
+
+class Closeable(Protocol):
+    async def close(self) -> None: ...
+
+
+R = TypeVar("R", bound=Closeable)
+
+
+def resource_ctx(
+    key: web.AppKey[R],
+    open_own: Callable[[Settings], R],
+    shared: Callable[[], R | None] = lambda: None,
+) -> CleanupCtx:
+    """``app[key]``: the process's own when ``shared()`` gives one (read at startup, after the
+    services that provide it have started; its owner closes it), else one opened with
+    ``open_own(settings)`` and closed at cleanup."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        found = shared()
+        if found is not None:
+            app[key] = found
+            yield
+            return
+        own = open_own(app[SETTINGS])
+        try:
+            app[key] = own
+            yield
+        finally:
+            await own.close()
+
+    return ctx
+
+
+# ---- consumers ----------------------------------------------------------------------------
+
+
+class EventTimeout(Exception):
+    """A consumer's handler did not finish an event in its time."""
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """One event consumer of a service: its queue (named ``<exchange>.<queue>``), the routing
+    key patterns bound to it, its handler (found in the started app: usually a domain's
+    method) and how long one event may take."""
+
+    queue: str
+    routing_keys: tuple[str, ...]
+    handler: Callable[[web.Application], EventHandler]
+    timeout: float
+
+    def queue_name(self, settings: Settings) -> str:
+        return f"{settings.amqp_exchange}.{self.queue}"
+
+
+def with_timeout(queue: str, handler: EventHandler, seconds: float) -> EventHandler:
+    """``handler`` with a deadline per event: past it, the handler is cancelled and the event
+    fails with ``EventTimeout`` (the bus then requeues it once, then dead-letters it)."""
+
+    async def timed(event: Event) -> None:
+        deadline = asyncio.timeout(seconds)
+        try:
+            async with deadline:
+                await handler(event)
+        except TimeoutError as exc:
+            if not deadline.expired():
+                raise  # the handler's own timeout, not this deadline: an ordinary failure
+            log.warning(
+                "event handler overran its deadline; the delivery fails",
+                queue=queue,
+                routing_key=event.routing_key,
+                event_id=event.event_id,
+                seconds=seconds,
+            )
+            raise EventTimeout(f"{queue}: no result in {seconds:g} s") from exc
+
+    return timed
+
+
+def consumers_ctx(*consumers: Consumer) -> CleanupCtx:
+    """Subscribes every consumer at startup (after the steps its handler needs) and cancels
+    them all at cleanup, or as soon as one of them cannot subscribe."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        settings, bus = app[SETTINGS], app[BUS]
+        subscriptions: list[Subscription] = []
+        try:
+            for consumer in consumers:
+                queue = consumer.queue_name(settings)
+                handler = with_timeout(queue, consumer.handler(app), consumer.timeout)
+                subscriptions.append(
+                    await bus.subscribe(queue, list(consumer.routing_keys), handler)
+                )
+            yield
+        finally:
+            for subscription in reversed(subscriptions):
+                await subscription.cancel()
+
+    return ctx
+
+
+# ---- background passes --------------------------------------------------------------------
+
+
+def periodic_ctx(
+    name: str,
+    step: Callable[[web.Application], Callable[[], Awaitable[object]]],
+    interval: Callable[[Settings], float],
+) -> CleanupCtx:
+    """Runs ``step(app)()`` every ``interval(settings)`` seconds from startup to cleanup, in a
+    task named ``name``; a pass that fails is logged with its traceback and the next retries."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(run_every(interval(app[SETTINGS]), step(app), name), name=name)
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    return ctx
