@@ -89,31 +89,37 @@ def create_allinone_app(
     edge[SETTINGS] = settings
     edge[READY_CHECKS] = dict(ready_checks or {})
 
-    async def shared_resources(app: web.Application) -> AsyncIterator[None]:
+    async def shared_database(app: web.Application) -> AsyncIterator[None]:
         client = None
         if deps.db is None:
             client = make_client(settings.mongo_url, timeout=settings.mongo_timeout)
             deps.db = client[settings.mongo_db]
-        own_bus = deps.bus is None
-        if deps.bus is None:
-            deps.bus = make_bus(settings, "parley-all-in-one")
-            await deps.bus.start()
-        app[DB] = deps.db
-        app[BUS] = deps.bus
-        db = deps.db
+        db = app[DB] = deps.db
 
         async def mongodb() -> None:
             await ping(db, READY_TIMEOUT)
 
         app[READY_CHECKS]["mongodb"] = mongodb
-        app[READY_CHECKS].update(deps.bus.ready_checks())
         try:
             yield
         finally:
-            if own_bus:
-                await deps.bus.close()
             if client is not None:
                 await client.close()
+
+    async def shared_bus(app: web.Application) -> AsyncIterator[None]:
+        if deps.bus is not None:
+            app[BUS] = deps.bus
+            app[READY_CHECKS].update(deps.bus.ready_checks())
+            yield
+            return
+        bus = make_bus(settings, "parley-all-in-one")
+        try:
+            await bus.start()  # a start that fails halfway closes what it opened below
+            deps.bus = app[BUS] = bus
+            app[READY_CHECKS].update(bus.ready_checks())
+            yield
+        finally:
+            await bus.close()
 
     services = [(name, factory(settings, deps)) for name, factory in factories.items()]
     add_operations_routes(edge, lambda request: [edge, *(s for _, s in services)])
@@ -125,7 +131,7 @@ def create_allinone_app(
         started: list[web.Application] = []
         try:
             for _, service in services:
-                started.append(service)
+                started.append(service)  # cleaned up even if its startup fails halfway
                 await service.startup()
                 service.freeze()
             yield
@@ -134,5 +140,5 @@ def create_allinone_app(
                 await service.shutdown()
                 await service.cleanup()
 
-    edge.cleanup_ctx.extend([shared_resources, run_services])
+    edge.cleanup_ctx.extend([shared_database, shared_bus, run_services])
     return edge
