@@ -11,15 +11,18 @@ closes exactly the steps that had opened: nothing leaks.
   overruns it is cancelled, logged, and the delivery fails as any failed handler does (requeued
   once, then dead-lettered: see ``shared/bus.py``).
 * ``periodic_ctx``: a background pass run every few seconds, whose failures are logged.
+* ``ServiceSpec`` and ``start_order``: what a service provides to the others of its process and
+  what it takes from them, so the all-in-one runner starts providers first whatever the order
+  it was given.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Literal, Protocol, TypeVar, get_args
 
 import structlog
 from aiohttp import web
@@ -28,7 +31,7 @@ from shared.bus import EventHandler, Subscription
 from shared.events import Event
 from shared.loops import run_every
 from shared.settings import Settings
-from shared.web import BUS, SETTINGS, CleanupCtx
+from shared.web import BUS, SETTINGS, CleanupCtx, Deps
 
 log = structlog.get_logger("parley.lifecycle")
 
@@ -157,3 +160,56 @@ def periodic_ctx(
                 await task
 
     return ctx
+
+
+# ---- services of one process --------------------------------------------------------------
+
+# What a service may put in ``Deps`` for the others of its process (its in-process API) and
+# take from it (instead of the owner's internal HTTP API): the names of ``Deps`` fields.
+Provided = Literal["verifier", "tokens", "groups", "customers"]
+PROVIDED: tuple[str, ...] = get_args(Provided)
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """A service as the all-in-one runner sees it: its app factory, the ``Deps`` fields its
+    startup fills (``provides``) and those its startup reads (``needs``)."""
+
+    name: str
+    create: Callable[[Settings, Deps], web.Application]
+    provides: frozenset[Provided] = frozenset()
+    needs: frozenset[Provided] = frozenset()
+
+    def __call__(self, settings: Settings, deps: Deps | None = None) -> web.Application:
+        return self.create(settings, deps or Deps())
+
+
+def start_order(specs: Iterable[ServiceSpec]) -> list[ServiceSpec]:
+    """The services, each after those providing what it needs, and otherwise by name: the
+    same order whatever the order of ``specs``. A need that no service of the list provides
+    is left to the HTTP client (as a service run alone does)."""
+    pending = {spec.name: spec for spec in specs}
+    providers: dict[str, set[str]] = {}
+    for spec in pending.values():
+        for item in spec.provides:
+            providers.setdefault(item, set()).add(spec.name)
+    ordered: list[ServiceSpec] = []
+    while pending:
+        started = {spec.name for spec in ordered}
+        ready = sorted(
+            name
+            for name, spec in pending.items()
+            if all(providers.get(item, set()) - {name} <= started for item in spec.needs)
+        )
+        if not ready:
+            cycle = ", ".join(sorted(pending))
+            raise ValueError(f"services that need each other's in-process API: {cycle}")
+        ordered.append(pending.pop(ready[0]))
+    return ordered
+
+
+def check_provided(spec: ServiceSpec, deps: Deps) -> None:
+    """After ``spec``'s service started: it filled every ``Deps`` field it declares."""
+    missing = sorted(item for item in spec.provides if getattr(deps, item) is None)
+    if missing:
+        raise RuntimeError(f"service {spec.name!r} started without providing {missing}")

@@ -17,6 +17,7 @@ from shared.http import check_length, data, empty_ok, parse_model, path_id, read
 from shared.ids import Flag, Id, Text
 from shared.internal import UidTaken
 from shared.jsonio import json_response
+from shared.lifecycle import ServiceSpec
 from shared.logs import request_id_of
 from shared.openapi import Operation
 from shared.ratelimit import TokenBuckets
@@ -205,7 +206,7 @@ def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
         local = LocalVerifier(auth)
         app[VERIFIER] = CachingVerifier(local, app[SETTINGS].auth_cache_ttl)
         if deps.verifier is None:
-            deps.verifier = local  # services later in this process verify in-process
+            deps.verifier = local  # the other services of this process verify in-process
         if deps.tokens is None:
             deps.tokens = LocalTokenIssuer(auth)
         yield
@@ -219,3 +220,6 @@ def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
         ]
     )
     return app
+
+
+SPEC = ServiceSpec(SERVICE, create_app, provides=frozenset({"verifier", "tokens"}))

@@ -17,7 +17,7 @@ from shared.http import check_length, data, parse_model, path_id, read_json, req
 from shared.ids import Id, Text, parse_id
 from shared.internal import HttpTokenIssuer, TokenIssuer
 from shared.jsonio import json_response
-from shared.lifecycle import Consumer, consumers_ctx, resource_ctx
+from shared.lifecycle import Consumer, ServiceSpec, consumers_ctx, resource_ctx
 from shared.logs import request_id_of
 from shared.openapi import Operation, Query
 from shared.settings import Settings
@@ -247,3 +247,11 @@ def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
         ]
     )
     return app
+
+
+SPEC = ServiceSpec(
+    SERVICE,
+    create_app,
+    provides=frozenset({"customers"}),
+    needs=frozenset({"verifier", "tokens"}),
+)

@@ -38,7 +38,7 @@ from shared.http import (
 )
 from shared.ids import Flag, Id, IdOrZero, Text, parse_positive_id
 from shared.jsonio import json_response
-from shared.lifecycle import Consumer, consumers_ctx
+from shared.lifecycle import Consumer, ServiceSpec, consumers_ctx
 from shared.logs import request_id_of
 from shared.openapi import Operation, Query
 from shared.settings import Settings
@@ -690,3 +690,8 @@ def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
         ]
     )
     return app
+
+
+SPEC = ServiceSpec(
+    SERVICE, create_app, provides=frozenset({"groups"}), needs=frozenset({"verifier"})
+)

@@ -31,7 +31,7 @@ from shared.internal import (
     HttpGroupDirectory,
 )
 from shared.jsonio import json_response
-from shared.lifecycle import Consumer, consumers_ctx, periodic_ctx, resource_ctx
+from shared.lifecycle import Consumer, ServiceSpec, consumers_ctx, periodic_ctx, resource_ctx
 from shared.logs import request_id_of
 from shared.metrics import PENDING_MESSAGES, backlog_probes
 from shared.openapi import Operation, Query
@@ -431,3 +431,6 @@ def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
         ]
     )
     return app
+
+
+SPEC = ServiceSpec(SERVICE, create_app, needs=frozenset({"verifier", "groups", "customers"}))
