@@ -79,8 +79,8 @@ async def serve(app: web.Application, host: str, port: int, **runner_kwargs: Any
     """Serve ``app`` on ``host:port`` until cancelled (or SIGINT/SIGTERM, with
     ``handle_signals=True``); the app is cleaned up on the way out."""
     runner = ParleyRunner(app, access_log=None, **runner_kwargs)
-    await runner.setup()
     try:
+        await runner.setup()  # a startup step that fails: the steps before it are closed
         await web.TCPSite(runner, host, port).start()
         await asyncio.Event().wait()
     finally:
