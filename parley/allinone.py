@@ -9,16 +9,17 @@ matches exactly the paths of its rows in ``shared/routing.py``; a path of no row
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 
 from aiohttp import web
 from aiohttp.web_urldispatcher import AbstractRuleMatching, MatchedSubAppResource, _InfoDict
 
-from services.auth.app import create_app as create_auth
-from services.customer.app import create_app as create_customer
-from services.groups.app import create_app as create_groups
-from services.messages.app import create_app as create_messages
+from services.auth.app import SPEC as AUTH
+from services.customer.app import SPEC as CUSTOMER
+from services.groups.app import SPEC as GROUPS
+from services.messages.app import SPEC as MESSAGES
 from shared.bus import Bus, LocalBus, RabbitBus
+from shared.lifecycle import ServiceSpec, check_provided, start_order
 from shared.mongo import make_client, ping
 from shared.routing import path_regex, service_paths
 from shared.settings import Settings
@@ -34,15 +35,11 @@ from shared.web import (
     operations_middlewares,
 )
 
-ServiceFactory = Callable[[Settings, Deps], web.Application]
-
-# The services, in start order: each uses the in-process APIs of those before it (auth for
-# credentials and customer tokens, groups for membership, customer for customer ids).
-SERVICE_FACTORIES: dict[str, ServiceFactory] = {
-    "auth": create_auth,
-    "groups": create_groups,
-    "customer": create_customer,
-    "messages": create_messages,
+# The services. Each declares the in-process APIs it provides and uses (auth: credentials and
+# customer tokens; groups: membership; customer: customer ids); the runner starts providers
+# first (``start_order``), so the order here is only the order of listings.
+SERVICE_FACTORIES: dict[str, ServiceSpec] = {
+    spec.name: spec for spec in (AUTH, GROUPS, CUSTOMER, MESSAGES)
 }
 
 
@@ -78,7 +75,7 @@ def make_bus(settings: Settings, name: str = "parley") -> Bus:
 
 def create_allinone_app(
     settings: Settings,
-    factories: Mapping[str, ServiceFactory] = SERVICE_FACTORIES,
+    factories: Mapping[str, ServiceSpec] = SERVICE_FACTORIES,
     deps: Deps | None = None,
     ready_checks: Mapping[str, ReadyCheck] | None = None,
 ) -> web.Application:
@@ -89,50 +86,57 @@ def create_allinone_app(
     edge[SETTINGS] = settings
     edge[READY_CHECKS] = dict(ready_checks or {})
 
-    async def shared_resources(app: web.Application) -> AsyncIterator[None]:
+    async def shared_database(app: web.Application) -> AsyncIterator[None]:
         client = None
         if deps.db is None:
             client = make_client(settings.mongo_url, timeout=settings.mongo_timeout)
             deps.db = client[settings.mongo_db]
-        own_bus = deps.bus is None
-        if deps.bus is None:
-            deps.bus = make_bus(settings, "parley-all-in-one")
-            await deps.bus.start()
-        app[DB] = deps.db
-        app[BUS] = deps.bus
-        db = deps.db
+        db = app[DB] = deps.db
 
         async def mongodb() -> None:
             await ping(db, READY_TIMEOUT)
 
         app[READY_CHECKS]["mongodb"] = mongodb
-        app[READY_CHECKS].update(deps.bus.ready_checks())
         try:
             yield
         finally:
-            if own_bus:
-                await deps.bus.close()
             if client is not None:
                 await client.close()
 
-    services = [(name, factory(settings, deps)) for name, factory in factories.items()]
+    async def shared_bus(app: web.Application) -> AsyncIterator[None]:
+        if deps.bus is not None:
+            app[BUS] = deps.bus
+            app[READY_CHECKS].update(deps.bus.ready_checks())
+            yield
+            return
+        bus = make_bus(settings, "parley-all-in-one")
+        try:
+            await bus.start()  # a start that fails halfway closes what it opened below
+            deps.bus = app[BUS] = bus
+            app[READY_CHECKS].update(bus.ready_checks())
+            yield
+        finally:
+            await bus.close()
+
+    services = [(spec, spec(settings, deps)) for spec in start_order(factories.values())]
     add_operations_routes(edge, lambda request: [edge, *(s for _, s in services)])
-    for name, service in services:
+    for spec, service in services:
         service.pre_freeze()  # routes and middleware fixed now; state is set at startup
-        edge.router.register_resource(MatchedSubAppResource(TableRule(name), service))
+        edge.router.register_resource(MatchedSubAppResource(TableRule(spec.name), service))
 
     async def run_services(app: web.Application) -> AsyncIterator[None]:
         started: list[web.Application] = []
         try:
-            for _, service in services:
-                started.append(service)
+            for spec, service in services:
+                started.append(service)  # cleaned up even if its startup fails halfway
                 await service.startup()
                 service.freeze()
+                check_provided(spec, deps)
             yield
         finally:
             for service in reversed(started):
                 await service.shutdown()
                 await service.cleanup()
 
-    edge.cleanup_ctx.extend([shared_resources, run_services])
+    edge.cleanup_ctx.extend([shared_database, shared_bus, run_services])
     return edge

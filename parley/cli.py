@@ -47,7 +47,7 @@ try:
 except importlib.metadata.PackageNotFoundError:  # pragma: no cover - run from a source tree
     VERSION = "unknown"
 
-# The all-in-one runner's start order (parley.allinone.SERVICE_FACTORIES, imported lazily:
+# The all-in-one runner's services (parley.allinone.SERVICE_FACTORIES, imported lazily:
 # management commands start faster without every service's module).
 SERVICE_ORDER = ("auth", "groups", "customer", "messages")
 

@@ -302,19 +302,6 @@ class RabbitBus(Bus):
     ) -> Subscription:
         if self._connection is None:
             raise RuntimeError("bus not started")
-        channel = await self._connection.channel()
-        await channel.set_qos(prefetch_count=self._prefetch)
-        exchange = await self._declare_topology(channel)
-        arguments: dict[str, Any] = {"x-dead-letter-exchange": self.dead_letter_exchange}
-        amqp_queue = await channel.declare_queue(
-            queue,
-            durable=durable,
-            exclusive=not durable,
-            auto_delete=not durable,
-            arguments=arguments,
-        )
-        for pattern in bindings:
-            await amqp_queue.bind(exchange, pattern)
 
         async def on_message(message: AbstractIncomingMessage) -> None:
             outcome = await _dispatch(
@@ -330,7 +317,27 @@ class RabbitBus(Bus):
             else:
                 await message.reject(requeue=outcome == "requeue")
 
-        tag = await amqp_queue.consume(on_message)
+        channel = await self._connection.channel()
+        try:
+            await channel.set_qos(prefetch_count=self._prefetch)
+            exchange = await self._declare_topology(channel)
+            arguments: dict[str, Any] = {"x-dead-letter-exchange": self.dead_letter_exchange}
+            amqp_queue = await channel.declare_queue(
+                queue,
+                durable=durable,
+                exclusive=not durable,
+                auto_delete=not durable,
+                arguments=arguments,
+            )
+            for pattern in bindings:
+                await amqp_queue.bind(exchange, pattern)
+            tag = await amqp_queue.consume(on_message)
+        except BaseException:
+            # Refused (a queue declared with other arguments, say): close the channel, which
+            # would otherwise reopen itself and stay open for nothing.
+            with contextlib.suppress(Exception):
+                await channel.close()
+            raise
         return _RabbitSubscription(channel, amqp_queue, tag)
 
     async def take_dead_letters(self, limit: int = 100) -> list[DeadLetter]:

@@ -8,6 +8,11 @@ pass of a loop therefore ends with ``stop_if_cancelled()``."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+log = structlog.get_logger("parley.loops")
 
 
 def stop_if_cancelled() -> None:
@@ -16,3 +21,18 @@ def stop_if_cancelled() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+
+
+async def run_every(interval: float, step: Callable[[], Awaitable[object]], what: str) -> None:
+    """Runs ``step`` now and then every ``interval`` seconds, until cancelled. A pass that
+    fails is logged with its traceback (nothing is swallowed unseen) and the next pass
+    retries."""
+    while True:
+        try:
+            await step()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.warning("background pass failed; the next one retries", loop=what, exc_info=True)
+        stop_if_cancelled()
+        await asyncio.sleep(interval)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import structlog
 
 from shared.bus import Bus
-from shared.loops import stop_if_cancelled
+from shared.loops import run_every
 from shared.metrics import OUTBOX_BACKLOG, OUTBOX_REPUBLISHED
 from shared.revlog import RevLog
 
@@ -54,19 +54,10 @@ class OutboxRelay:
         for revlog in self._revlogs:
             OUTBOX_BACKLOG.labels(revlog.pending.name).set(await revlog.pending.count_documents({}))
 
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.run_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("outbox relay pass failed", error=repr(exc))
-            stop_if_cancelled()
-            await asyncio.sleep(self._interval)
-
     def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="outbox-relay")
+        self._task = asyncio.create_task(
+            run_every(self._interval, self.run_once, "outbox relay"), name="outbox-relay"
+        )
 
     async def stop(self) -> None:
         task, self._task = self._task, None

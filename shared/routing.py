@@ -5,6 +5,10 @@ One table drives everything that routes: each service registers exactly its rows
 paths of its rows, ``parley gateway-config --format nginx`` renders the edge configuration, and
 ``--format ingress`` renders the Kubernetes Ingress (``k8s/ingress.yaml``, checked by a test).
 Paths use aiohttp's syntax; ids are ``[0-9]+`` so that ``/groups/abc`` is a 404 (spec §1.1).
+
+``INTERNAL_ROUTES`` are the services' internal APIs (``/internal/...``): each service registers
+its rows like the public ones, behind the internal-secret check (``shared/web.py``); nothing
+that routes from outside (the edge, the Ingress, the all-in-one mount) ever reads them.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ class Route:
     path: str
     service: str
     handler: str  # the name the service registers for this row
+    internal: bool = False  # a row of INTERNAL_ROUTES: callers must send the internal secret
 
     @property
     def regex(self) -> str:
@@ -30,8 +35,8 @@ class Route:
         return path_regex(self.path)
 
 
-def _rows(service: str, *rows: tuple[str, str, str]) -> list[Route]:
-    return [Route(method, path, service, handler) for method, path, handler in rows]
+def _rows(service: str, *rows: tuple[str, str, str], internal: bool = False) -> list[Route]:
+    return [Route(method, path, service, handler, internal) for method, path, handler in rows]
 
 
 ROUTES: tuple[Route, ...] = tuple(
@@ -91,6 +96,32 @@ ROUTES: tuple[Route, ...] = tuple(
     )
 )
 
+INTERNAL_ROUTES: tuple[Route, ...] = tuple(
+    _rows(
+        "auth",
+        ("POST", "/internal/verify", "internal_verify"),
+        ("POST", "/internal/customer-token", "internal_customer_token"),
+        internal=True,
+    )
+    + _rows(
+        "groups", ("GET", f"/internal/groups/{{gid:{ID}}}", "internal_get_group"), internal=True
+    )
+    + _rows(
+        "messages",
+        ("GET", "/internal/inbox", "internal_inbox"),
+        ("POST", "/internal/sync-key", "internal_sync_key"),
+        ("POST", "/internal/messages/customer", "internal_customer_message"),
+        internal=True,
+    )
+    + _rows(
+        "customer",
+        ("GET", "/internal/customers", "internal_customer"),
+        ("GET", f"/internal/stores/{{store_id:{ID}}}/sellers", "internal_store_sellers"),
+        ("POST", f"/internal/agents/{{seller_id:{ID}}}/presence", "internal_presence"),
+        internal=True,
+    )
+)
+
 _PARAM = re.compile(r"\{(\w+)(?::([^{}]+))?\}")
 
 
@@ -112,6 +143,10 @@ def openapi_path(path: str) -> str:
 
 def routes_for(service: str) -> list[Route]:
     return [r for r in ROUTES if r.service == service]
+
+
+def internal_routes_for(service: str) -> list[Route]:
+    return [r for r in INTERNAL_ROUTES if r.service == service]
 
 
 def service_paths(service: str) -> list[str]:

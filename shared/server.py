@@ -90,8 +90,8 @@ async def serve(
     ``handle_signals=True``); the app is cleaned up on the way out. ``on_listening`` runs
     once the port accepts connections (what a banner saying "listening" must wait for)."""
     runner = ParleyRunner(app, access_log=None, **runner_kwargs)
-    await runner.setup()
     try:
+        await runner.setup()  # a startup step that fails: the steps before it are closed
         await web.TCPSite(runner, host, port).start()
         if on_listening is not None:
             await on_listening()

@@ -11,6 +11,7 @@ alone (``parley serve``) gets an empty one and opens its own.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -45,7 +46,7 @@ from shared.metrics import backlog_probes, metrics_handler, observe_middleware
 from shared.mongo import Database, ensure_indexes, make_client, ping
 from shared.outbox import OutboxRelay
 from shared.revlog import RevLog
-from shared.routing import ROUTES, routes_for
+from shared.routing import ROUTES, internal_routes_for, routes_for
 from shared.settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -90,6 +91,18 @@ def require_internal(request: web.Request) -> None:
         raise ParleyError("internal secret required", status=401)
     if not hmac.compare_digest(expected.encode(), given.encode("utf-8", "replace")):
         raise ParleyError("wrong internal secret", status=403)
+
+
+def internal(handler: Handler) -> Handler:
+    """``handler`` behind ``require_internal``: how ``service_app`` registers the rows of
+    ``INTERNAL_ROUTES``, so no internal handler checks the secret itself."""
+
+    @functools.wraps(handler)
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        require_internal(request)
+        return await handler(request)
+
+    return guarded
 
 
 CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
@@ -176,8 +189,9 @@ def operations_middlewares(
 def service_app(
     service: str, settings: Settings, handlers: Mapping[str, Handler]
 ) -> web.Application:
-    """A bare service app: middleware, its routing-table rows bound to ``handlers``,
-    ``/healthz``, ``/readyz`` and ``/metrics``."""
+    """A bare service app: middleware, its routing-table rows bound to ``handlers`` (its
+    internal rows behind the internal-secret check), ``/healthz``, ``/readyz`` and
+    ``/metrics``."""
     app = web.Application(
         middlewares=operations_middlewares(service, settings, cors_middleware),
         client_max_size=MAX_BODY,
@@ -186,10 +200,13 @@ def service_app(
     app[CLIENT_IP_HEADER] = settings.client_ip_header
     app[TRUSTED_PROXIES] = settings.trusted_proxies
     app[READY_CHECKS] = {}
-    for route in routes_for(service):
+    for route in [*routes_for(service), *internal_routes_for(service)]:
         if route.handler not in handlers:
             raise LookupError(f"service {service!r} has no handler {route.handler!r}")
-        app.router.add_route(route.method, route.path, handlers[route.handler])
+        handler = handlers[route.handler]
+        app.router.add_route(
+            route.method, route.path, internal(handler) if route.internal else handler
+        )
     add_operations_routes(app, lambda request: [request.app])
     return app
 
@@ -293,10 +310,10 @@ def bus_ctx(deps: Deps, service: str) -> CleanupCtx:
             publish_timeout=settings.publish_timeout,
             connection_name=f"parley-{service}",
         )
-        await bus.start()
-        app[BUS] = bus
-        app[READY_CHECKS].update(bus.ready_checks())
         try:
+            await bus.start()  # a start that fails halfway closes what it opened below
+            app[BUS] = bus
+            app[READY_CHECKS].update(bus.ready_checks())
             yield
         finally:
             await bus.close()

@@ -17,6 +17,7 @@ from shared.http import check_length, data, empty_ok, parse_model, path_id, read
 from shared.ids import Flag, Id, Text
 from shared.internal import UidTaken
 from shared.jsonio import json_response
+from shared.lifecycle import ServiceSpec
 from shared.logs import request_id_of
 from shared.openapi import Operation
 from shared.ratelimit import TokenBuckets
@@ -29,7 +30,6 @@ from shared.web import (
     bus_ctx,
     database_ctx,
     outbox_ctx,
-    require_internal,
     service_app,
 )
 
@@ -113,7 +113,6 @@ async def user_settings(request: web.Request) -> web.Response:
 
 async def internal_verify(request: web.Request) -> web.Response:
     """Internal API (not routed by the edge): verify credentials for another service."""
-    require_internal(request)
     body = parse_model(VerifyRequest, await read_json(request))
     verifier = request.app[VERIFIER]
     if body.scheme == "bearer":
@@ -148,7 +147,6 @@ class CustomerTokenRequest(BaseModel):
 
 async def internal_customer_token(request: web.Request) -> web.Response:
     """Internal API for the customer service: a visitor's token (409: the uid is a user's)."""
-    require_internal(request)
     body = parse_model(CustomerTokenRequest, await read_json(request))
     try:
         token = await domain(request).customer_token(
@@ -184,13 +182,18 @@ API: dict[str, Operation] = {
 }
 
 
+HANDLERS = {
+    "grant": grant,
+    "user_settings": user_settings,
+    "openapi": openapi,
+    "internal_verify": internal_verify,
+    "internal_customer_token": internal_customer_token,
+}
+
+
 def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
     deps = deps or Deps()
-    app = service_app(
-        SERVICE, settings, {"grant": grant, "user_settings": user_settings, "openapi": openapi}
-    )
-    app.router.add_post("/internal/verify", internal_verify)
-    app.router.add_post("/internal/customer-token", internal_customer_token)
+    app = service_app(SERVICE, settings, HANDLERS)
     app[VERIFY_REFUSALS] = TokenBuckets(settings.verify_refusal_burst, settings.verify_refusal_rate)
 
     async def domain_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -203,7 +206,7 @@ def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
         local = LocalVerifier(auth)
         app[VERIFIER] = CachingVerifier(local, app[SETTINGS].auth_cache_ttl)
         if deps.verifier is None:
-            deps.verifier = local  # services later in this process verify in-process
+            deps.verifier = local  # the other services of this process verify in-process
         if deps.tokens is None:
             deps.tokens = LocalTokenIssuer(auth)
         yield
@@ -217,3 +220,6 @@ def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
         ]
     )
     return app
+
+
+SPEC = ServiceSpec(SERVICE, create_app, provides=frozenset({"verifier", "tokens"}))

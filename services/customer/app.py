@@ -17,6 +17,7 @@ from shared.http import check_length, data, parse_model, path_id, read_json, req
 from shared.ids import Id, Text, parse_id
 from shared.internal import HttpTokenIssuer, TokenIssuer
 from shared.jsonio import json_response
+from shared.lifecycle import Consumer, ServiceSpec, consumers_ctx, resource_ctx
 from shared.logs import request_id_of
 from shared.openapi import Operation, Query
 from shared.settings import Settings
@@ -29,7 +30,6 @@ from shared.web import (
     cors_preflight,
     database_ctx,
     outbox_ctx,
-    require_internal,
     service_app,
     verifier_ctx,
 )
@@ -40,6 +40,7 @@ from .repository import INDEXES
 SERVICE = "customer"
 log = structlog.get_logger("parley.customer")
 CUSTOMER = web.AppKey("customer_domain", CustomerDomain)
+TOKENS = web.AppKey("token_issuer", TokenIssuer)
 
 
 def domain(request: web.Request) -> CustomerDomain:
@@ -132,7 +133,6 @@ class PresenceRequest(BaseModel):
 
 
 async def internal_customer(request: web.Request) -> web.Response:
-    require_internal(request)
     appid = required_query_id(request, "appid")
     customer_id = request.query.get("customer_id", "")
     directory = LocalCustomerDirectory(domain(request))
@@ -143,7 +143,6 @@ async def internal_customer(request: web.Request) -> web.Response:
 
 
 async def internal_store_sellers(request: web.Request) -> web.Response:
-    require_internal(request)
     store_id = path_id(request, "store_id")
     appid = required_query_id(request, "appid")
     sellers = await LocalCustomerDirectory(domain(request)).store_sellers(appid, store_id)
@@ -153,7 +152,6 @@ async def internal_store_sellers(request: web.Request) -> web.Response:
 
 
 async def internal_presence(request: web.Request) -> web.Response:
-    require_internal(request)
     seller_id = path_id(request, "seller_id")
     body = parse_model(PresenceRequest, await read_json(request))
     if not await domain(request).set_presence(seller_id, body.status):
@@ -203,46 +201,57 @@ HANDLERS = {
     "customer_register": customer_register,
     "supporters": supporters,
     "cors_preflight": cors_preflight,
+    "internal_customer": internal_customer,
+    "internal_store_sellers": internal_store_sellers,
+    "internal_presence": internal_presence,
 }
+
+# Agent presence reported by delivery servers.
+CONSUMERS = (
+    Consumer(
+        "customer.presence",
+        ("agent.presence",),
+        lambda app: app[CUSTOMER].on_presence_event,
+        timeout=30.0,
+    ),
+)
 
 
 def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
     deps = deps or Deps()
     app = service_app(SERVICE, settings, HANDLERS)
-    app.router.add_get("/internal/customers", internal_customer)
-    app.router.add_get("/internal/stores/{store_id:[0-9]+}/sellers", internal_store_sellers)
-    app.router.add_post("/internal/agents/{seller_id:[0-9]+}/presence", internal_presence)
 
     async def domain_ctx(app: web.Application) -> AsyncIterator[None]:
-        tokens: TokenIssuer = deps.tokens or HttpTokenIssuer(
-            settings.auth_url, settings.internal_secret
-        )
-        customer = CustomerDomain(app[DB], app[BUS], settings, tokens)
+        customer = CustomerDomain(app[DB], app[BUS], settings, app[TOKENS])
         migrated = await customer.repo.migrate()
         if migrated:
             log.info("customer data rewritten as logs from the previous shape", **migrated)
         app[CUSTOMER] = customer
         if deps.customers is None:
             deps.customers = LocalCustomerDirectory(customer)
-        subscription = await app[BUS].subscribe(
-            f"{settings.amqp_exchange}.customer.presence",
-            ["agent.presence"],
-            customer.on_presence_event,
-        )
-        try:
-            yield
-        finally:
-            await subscription.cancel()
-            if deps.tokens is None:
-                await tokens.close()
+        yield
 
     app.cleanup_ctx.extend(
         [
             database_ctx(deps, INDEXES),
             bus_ctx(deps, SERVICE),
             verifier_ctx(deps),
+            resource_ctx(
+                TOKENS,
+                lambda settings: HttpTokenIssuer(settings.auth_url, settings.internal_secret),
+                lambda: deps.tokens,
+            ),
             domain_ctx,
+            consumers_ctx(*CONSUMERS),
             outbox_ctx(lambda app: app[CUSTOMER].repo.revlogs()),
         ]
     )
     return app
+
+
+SPEC = ServiceSpec(
+    SERVICE,
+    create_app,
+    provides=frozenset({"customers"}),
+    needs=frozenset({"verifier", "tokens"}),
+)

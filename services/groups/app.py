@@ -24,7 +24,6 @@ from shared.errors import (
     InvalidParam,
     ParleyError,
 )
-from shared.events import Event
 from shared.http import (
     check_count,
     check_length,
@@ -39,6 +38,7 @@ from shared.http import (
 )
 from shared.ids import Flag, Id, IdOrZero, Text, parse_positive_id
 from shared.jsonio import json_response
+from shared.lifecycle import Consumer, ServiceSpec, consumers_ctx
 from shared.logs import request_id_of
 from shared.openapi import Operation, Query
 from shared.settings import Settings
@@ -50,7 +50,6 @@ from shared.web import (
     bus_ctx,
     database_ctx,
     outbox_ctx,
-    require_internal,
     service_app,
     verifier_ctx,
 )
@@ -527,7 +526,6 @@ async def client_member_settings(request: web.Request) -> web.Response:
 async def internal_get_group(request: web.Request) -> web.Response:
     """The group as it is now (or as of ``revision``), for the messages service (404: none in
     that app, or that revision is not committed)."""
-    require_internal(request)
     gid = path_id(request, "gid")
     appid = required_query_id(request, "appid")
     revision = query_id(request, "revision")
@@ -651,13 +649,23 @@ HANDLERS = {
     "client_remove_member": client_remove_member,
     "client_remove_members": client_remove_members,
     "client_member_settings": client_member_settings,
+    "internal_get_group": internal_get_group,
 }
+
+# The user-name view: names shown in member lists and quit_group notifications.
+CONSUMERS = (
+    Consumer(
+        "groups.user-names",
+        ("token.granted", "user.settings.changed"),
+        lambda app: app[GROUPS].on_user_event,
+        timeout=30.0,
+    ),
+)
 
 
 def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
     deps = deps or Deps()
     app = service_app(SERVICE, settings, HANDLERS)
-    app.router.add_get("/internal/groups/{gid:[0-9]+}", internal_get_group)
 
     async def domain_ctx(app: web.Application) -> AsyncIterator[None]:
         repo = GroupsRepository(app[DB])
@@ -669,20 +677,7 @@ def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
         app[CREATION_LIMITER] = CreationLimiter(app[SETTINGS].client_groups_per_minute)
         if deps.groups is None:
             deps.groups = LocalGroupDirectory(groups)
-
-        async def on_user_event(event: Event) -> None:
-            await groups.on_user_event(event)
-
-        # The user-name view: names shown in member lists and quit_group notifications.
-        subscription = await app[BUS].subscribe(
-            f"{settings.amqp_exchange}.groups.user-names",
-            ["token.granted", "user.settings.changed"],
-            on_user_event,
-        )
-        try:
-            yield
-        finally:
-            await subscription.cancel()
+        yield
 
     app.cleanup_ctx.extend(
         [
@@ -690,7 +685,13 @@ def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
             bus_ctx(deps, SERVICE),
             verifier_ctx(deps),
             domain_ctx,
+            consumers_ctx(*CONSUMERS),
             outbox_ctx(lambda app: [app[GROUPS].repo.log]),
         ]
     )
     return app
+
+
+SPEC = ServiceSpec(
+    SERVICE, create_app, provides=frozenset({"groups"}), needs=frozenset({"verifier"})
+)

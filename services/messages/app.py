@@ -4,8 +4,7 @@ delivery servers (inbox paging, sync keys, customer messages)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import functools
 from collections.abc import AsyncIterator
 from typing import Any, Literal, TypeVar
 
@@ -32,6 +31,7 @@ from shared.internal import (
     HttpGroupDirectory,
 )
 from shared.jsonio import json_response
+from shared.lifecycle import Consumer, ServiceSpec, consumers_ctx, periodic_ctx, resource_ctx
 from shared.logs import request_id_of
 from shared.metrics import PENDING_MESSAGES, backlog_probes
 from shared.openapi import Operation, Query
@@ -44,7 +44,6 @@ from shared.web import (
     bus_ctx,
     cors_preflight,
     database_ctx,
-    require_internal,
     service_app,
     verifier_ctx,
 )
@@ -57,6 +56,7 @@ log = structlog.get_logger("parley.messages")
 SERVICE = "messages"
 MESSAGES = web.AppKey("messages_domain", MessagesDomain)
 CUSTOMERS = web.AppKey("customer_directory", CustomerDirectory)
+GROUP_DIRECTORY = web.AppKey("group_directory", GroupDirectory)
 
 
 def domain(request: web.Request) -> MessagesDomain:
@@ -269,7 +269,6 @@ class SyncKeyRequest(BaseModel):
 async def internal_inbox(request: web.Request) -> web.Response:
     """``GET /internal/inbox?appid&uid|gid&after&limit``: entries after a sync key, oldest
     first, never past a gap (what a delivery server answers SYNC with)."""
-    require_internal(request)
     appid = query_id(request, "appid")
     uid, gid = query_id(request, "uid"), query_id(request, "gid")
     if appid is None or (uid is None) == (gid is None):
@@ -282,14 +281,12 @@ async def internal_inbox(request: web.Request) -> web.Response:
 
 
 async def internal_sync_key(request: web.Request) -> web.Response:
-    require_internal(request)
     body = parse_model(SyncKeyRequest, await read_json(request))
     await domain(request).repo.set_sync_key(body.appid, user_inbox(body.uid), body.key)
     return empty_ok()
 
 
 async def internal_customer_message(request: web.Request) -> web.Response:
-    require_internal(request)
     body = parse_model(CustomerMessageRequest, await read_json(request))
     post = await domain(request).post_customer(
         body.sender_appid,
@@ -370,62 +367,70 @@ HANDLERS = {
     "history": history,
     "dequeue": dequeue,
     "cors_preflight": cors_preflight,
+    "internal_inbox": internal_inbox,
+    "internal_sync_key": internal_sync_key,
+    "internal_customer_message": internal_customer_message,
 }
+
+# Group notifications (spec §2.6), stored from the groups service's ``group.*`` events. A big
+# group's member notifications are many posts: their deadline is generous.
+CONSUMERS = (
+    Consumer(
+        "messages.group-notifications",
+        ("group.#",),
+        lambda app: app[MESSAGES].on_group_event,
+        timeout=300.0,
+    ),
+)
 
 
 def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
     deps = deps or Deps()
     app = service_app(SERVICE, settings, HANDLERS)
-    app.router.add_get("/internal/inbox", internal_inbox)
-    app.router.add_post("/internal/sync-key", internal_sync_key)
-    app.router.add_post("/internal/messages/customer", internal_customer_message)
 
     async def domain_ctx(app: web.Application) -> AsyncIterator[None]:
-        groups: GroupDirectory = deps.groups or HttpGroupDirectory(
-            settings.groups_url, settings.internal_secret
-        )
-        customers: CustomerDirectory = deps.customers or HttpCustomerDirectory(
-            settings.customer_url, settings.internal_secret
-        )
         repo = MessagesRepository(app[DB])
-        await repo.migrate()
-        messages = MessagesDomain(repo, app[BUS], settings, groups)
-        app[MESSAGES] = messages
-        app[CUSTOMERS] = customers
-        subscription = await app[BUS].subscribe(
-            f"{settings.amqp_exchange}.messages.group-notifications",
-            ["group.#"],
-            messages.on_group_event,
-        )
-        posts = app[DB]["messages_posts"]
-
-        async def pending_messages() -> None:
-            PENDING_MESSAGES.set(await posts.count_documents({"state": "pending"}))
-
-        backlog_probes(app).append(pending_messages)
-        recovery = asyncio.create_task(
-            messages.run_recovery(settings.outbox_relay_interval, settings.outbox_grace),
-            name="messages-recovery",
-        )
         try:
+            await repo.migrate()
+            app[MESSAGES] = MessagesDomain(repo, app[BUS], settings, app[GROUP_DIRECTORY])
+            posts = app[DB]["messages_posts"]
+
+            async def pending_messages() -> None:
+                PENDING_MESSAGES.set(await posts.count_documents({"state": "pending"}))
+
+            backlog_probes(app).append(pending_messages)
             yield
         finally:
-            recovery.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await recovery
-            await subscription.cancel()
             await repo.close()
-            if deps.groups is None:
-                await groups.close()
-            if deps.customers is None:
-                await customers.close()
 
     app.cleanup_ctx.extend(
         [
             database_ctx(deps, INDEXES),
             bus_ctx(deps, SERVICE),
             verifier_ctx(deps),
+            resource_ctx(
+                GROUP_DIRECTORY,
+                lambda settings: HttpGroupDirectory(settings.groups_url, settings.internal_secret),
+                lambda: deps.groups,
+            ),
+            resource_ctx(
+                CUSTOMERS,
+                lambda settings: HttpCustomerDirectory(
+                    settings.customer_url, settings.internal_secret
+                ),
+                lambda: deps.customers,
+            ),
             domain_ctx,
+            consumers_ctx(*CONSUMERS),
+            # Posts left pending (a crash between accepting and announcing) are finished.
+            periodic_ctx(
+                "messages-recovery",
+                lambda app: functools.partial(app[MESSAGES].recover, app[SETTINGS].outbox_grace),
+                lambda settings: settings.outbox_relay_interval,
+            ),
         ]
     )
     return app
+
+
+SPEC = ServiceSpec(SERVICE, create_app, needs=frozenset({"verifier", "groups", "customers"}))

@@ -49,7 +49,6 @@ from shared.events import (
 from shared.events import CustomerMessage as CustomerMessageEvent
 from shared.internal import GroupDirectory
 from shared.jsonio import dumps
-from shared.loops import stop_if_cancelled
 from shared.mongo import Document
 from shared.settings import Settings
 
@@ -195,17 +194,6 @@ class MessagesDomain:
         if done:
             log.info("recovered pending messages", count=done)
         return done
-
-    async def run_recovery(self, interval: float, grace: float) -> None:
-        while True:
-            try:
-                await self.recover(grace)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the next pass retries
-                log.warning("message recovery pass failed", error=repr(exc))
-            stop_if_cancelled()
-            await asyncio.sleep(interval)
 
     @staticmethod
     def _placement(post: Post) -> tuple[list[str], Document]:
