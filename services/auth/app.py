@@ -13,10 +13,11 @@ from pydantic import BaseModel, ConfigDict
 from shared.auth import VERIFIER, CachingVerifier, server_auth
 from shared.errors import ParleyError
 from shared.events import DoNotDisturb
-from shared.http import check_length, data, empty_ok, parse_model, path_id, read_json, read_model
+from shared.http import data, empty_ok, parse_model, path_id, read_json, read_model
 from shared.ids import Flag, Id, Text
 from shared.internal import UidTaken
 from shared.jsonio import json_response
+from shared.limits import check_length
 from shared.logs import request_id_of
 from shared.openapi import Operation
 from shared.ratelimit import TokenBuckets

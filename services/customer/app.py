@@ -13,10 +13,11 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict
 
 from shared.auth import app_key_auth, client_auth
 from shared.errors import INVALID_APPID, REQUIRE_STORE_ID, ParleyError
-from shared.http import check_length, data, parse_model, path_id, read_json, required_query_id
+from shared.http import data, parse_model, path_id, read_json, required_query_id
 from shared.ids import Id, Text, parse_id
 from shared.internal import HttpTokenIssuer, TokenIssuer
 from shared.jsonio import json_response
+from shared.limits import check_length
 from shared.logs import request_id_of
 from shared.openapi import Operation, Query
 from shared.settings import Settings

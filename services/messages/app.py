@@ -16,7 +16,6 @@ from pydantic import BaseModel, ConfigDict
 from shared.auth import client_auth, server_auth, server_or_client_auth
 from shared.errors import DISABLED_APPID, INVALID_UID, InvalidParam, ParleyError
 from shared.http import (
-    check_count,
     data,
     empty_ok,
     parse_model,
@@ -32,6 +31,7 @@ from shared.internal import (
     HttpGroupDirectory,
 )
 from shared.jsonio import json_response
+from shared.limits import check_count
 from shared.logs import request_id_of
 from shared.metrics import PENDING_MESSAGES, backlog_probes
 from shared.openapi import Operation, Query
