@@ -41,7 +41,6 @@ from shared.web import (
 )
 
 from .domain import (
-    GroupPolicy,
     GroupsDomain,
     LocalGroupDirectory,
     MemberSpec,
@@ -420,7 +419,7 @@ def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
         migrated = await repo.migrate()
         if migrated:
             log.info("groups rewritten as logs from the previous shape", count=migrated)
-        groups = GroupsDomain(repo, app[BUS], GroupPolicy.of(settings))
+        groups = GroupsDomain(repo, app[BUS], settings)
         app[GROUPS] = groups
         if deps.groups is None:
             deps.groups = LocalGroupDirectory(groups)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from shared.bus import Bus
 from shared.errors import (
@@ -42,7 +42,6 @@ from shared.internal import GroupDirectory, GroupSnapshot
 from shared.limits import check_count, check_length
 from shared.mongo import Document
 from shared.revlog import Conflict, Versioned
-from shared.settings import Settings
 
 from .repository import Group, GroupsRepository, group_key, to_group
 
@@ -51,26 +50,34 @@ Compute = Callable[[Group], tuple[Document, list[Event]]]
 TOO_MANY_GROUPS = "too many groups created, retry later"
 
 
-@dataclass(frozen=True)
-class GroupPolicy:
-    """The settings the groups domain decides with (each the ``PARLEY_*`` of the same name)."""
+class GroupPolicy(Protocol):
+    """The settings the groups domain decides with, each the ``PARLEY_*`` of its name
+    (``Settings`` is one; a test may pass any object with these)."""
 
-    max_name_length: int
-    max_avatar_length: int
-    max_notice_length: int
-    max_nickname_length: int
-    max_group_members: int
-    max_super_group_members: int
-    max_members_per_request: int
-    external_group_id: bool
-    notice_by_master_only: bool
-    master_must_disband: bool
-    client_super_groups: bool
-    client_groups_per_minute: int
-
-    @classmethod
-    def of(cls, settings: Settings) -> GroupPolicy:
-        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
+    @property
+    def max_name_length(self) -> int: ...
+    @property
+    def max_avatar_length(self) -> int: ...
+    @property
+    def max_notice_length(self) -> int: ...
+    @property
+    def max_nickname_length(self) -> int: ...
+    @property
+    def max_group_members(self) -> int: ...
+    @property
+    def max_super_group_members(self) -> int: ...
+    @property
+    def max_members_per_request(self) -> int: ...
+    @property
+    def external_group_id(self) -> bool: ...
+    @property
+    def notice_by_master_only(self) -> bool: ...
+    @property
+    def master_must_disband(self) -> bool: ...
+    @property
+    def client_super_groups(self) -> bool: ...
+    @property
+    def client_groups_per_minute(self) -> int: ...
 
 
 @dataclass(frozen=True)
