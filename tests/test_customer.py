@@ -31,7 +31,7 @@ async def desk(stack: Stack, app: App, agents: list[str]) -> tuple[int, list[int
     """A store for the app with these agents (what `parley store ...` does)."""
     customer = CustomerDomain(stack.db, None, stack.settings, None)
     store_id = await customer.create_store(app.appid, "desk")
-    return store_id, [await customer.add_agent(store_id, name) for name in agents]
+    return store_id, [await customer.add_agent(app.appid, store_id, name) for name in agents]
 
 
 async def register(
@@ -196,7 +196,7 @@ async def test_choosing_an_agent(stack: Stack) -> None:
     desk_repo = CustomerDomain(stack.db, None, stack.settings, None).repo
     async with asyncio.timeout(10):
         while True:
-            store = await desk_repo.store(store_id)
+            store = await desk_repo.store(app.appid, store_id)
             assert store is not None
             if {a.seller_id for a in store.agents if a.status == "online"} >= {bob, cid}:
                 break
