@@ -291,7 +291,7 @@ async def internal_get_group(request: web.Request) -> web.Response:
     require_internal(request)
     gid = path_id(request, "gid")
     appid = required_query_id(request, "appid")
-    group = await domain(request).find(appid, gid, query_id(request, "revision"))
+    group = await domain(request).find_group(appid, gid, query_id(request, "revision"))
     if group is None:
         raise web.HTTPNotFound()
     return json_response(snapshot(group).model_dump())

@@ -326,7 +326,7 @@ class GroupsDomain:
             raise ParleyError(GROUP_NON_EXISTS)
         return group
 
-    async def find(self, appid: int, gid: int, revision: int | None = None) -> Group | None:
+    async def find_group(self, appid: int, gid: int, revision: int | None = None) -> Group | None:
         """The group as it is now, or as of ``revision`` (None: no such group in the app, or
         that revision is not committed)."""
         if revision is not None:
@@ -740,9 +740,9 @@ class LocalGroupDirectory(GroupDirectory):
         self, appid: int, gid: int, revision: int | None = None
     ) -> GroupSnapshot | None:
         if revision is not None:
-            at = await self._domain.find(appid, gid, revision)
+            at = await self._domain.find_group(appid, gid, revision)
             return snapshot(at) if at is not None else None
-        group = await self._domain.find(appid, gid)
+        group = await self._domain.find_group(appid, gid)
         if group is None:
             self._snapshots.pop((appid, gid), None)
             return None
