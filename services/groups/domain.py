@@ -2,7 +2,12 @@
 rules of spec §6. No HTTP here. Each change is one revision of the group's log
 (``repository.py``): the rule checks run against the state the revision is written on, so a
 check and its change cannot be separated by a concurrent writer, and the revision carries the
-change's ``group.*`` events (published right after, relayed if need be)."""
+change's ``group.*`` events (published right after, relayed if need be).
+
+The rules are functions: ``check_*`` refuse a request with the spec's error (the limits of
+``GroupPolicy`` and spec §6), and the rules that depend on the group are ``Check``s
+(``require_member``, ``removal_rule``, ...) run inside the change. Each endpoint is one
+``do_*`` operation: its checks, then the change that writes and announces."""
 
 from __future__ import annotations
 
