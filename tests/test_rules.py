@@ -17,6 +17,7 @@ from services.groups.domain import (
     Inviter,
     MemberSettings,
     MemberSpec,
+    NewGroup,
     all_of,
     check_client_create,
     check_group_size,
@@ -36,6 +37,7 @@ from services.groups.domain import (
 from services.groups.repository import Group, Member
 from services.groups.requests import (
     ClientMemberSettingsRequest,
+    CreateGroupRequest,
     parse_add_body,
     parse_member,
     parse_remove_body,
@@ -231,6 +233,16 @@ def test_parse_member(entry: Any, spec: MemberSpec, given: Any) -> None:
 )
 def test_parse_member_refuses(entry: Any) -> None:
     refused(lambda: parse_member(entry))
+
+
+def test_a_create_request_describes_a_new_group() -> None:
+    body = CreateGroupRequest.model_validate(
+        {"master": "1", "name": "t", "super": 1, "members": [2, {"uid": "3", "name": "c"}]}
+    )
+    specs = [MemberSpec(2), MemberSpec(3, "c")]
+    assert body.new_group() == NewGroup(1, "t", True, specs, [2, {"uid": 3, "name": "c"}])
+    bad = CreateGroupRequest.model_validate({"master": 1, "name": "t", "members": [0]})
+    refused(bad.new_group)
 
 
 def test_add_body_forms() -> None:

@@ -54,7 +54,6 @@ from .requests import (
     RenameRequest,
     ServerMemberSettingsRequest,
     parse_add_body,
-    parse_members,
     parse_remove_body,
 )
 
@@ -111,16 +110,8 @@ async def render_group(
 async def create_group(request: web.Request) -> web.Response:
     appid = await server_auth(request)
     body = parse_model(CreateGroupRequest, await read_json(request))
-    members = parse_members(body.members)
     gid = await domain(request).do_create_group(
-        appid,
-        body.master,
-        body.name,
-        body.super,
-        members.specs,
-        members.given,
-        body.group_id,
-        request_id_of(request),
+        appid, body.new_group(), body.group_id, request_id_of(request)
     )
     return data({"group_id": gid})
 
@@ -190,16 +181,8 @@ async def client_create_group(request: web.Request) -> web.Response:
     body = parse_model(CreateGroupRequest, await read_json(request))
     groups = domain(request)
     groups.check_client_create(owner.uid, body.master, body.super)  # before members are parsed
-    members = parse_members(body.members)
     gid = await groups.do_client_create_group(
-        owner.appid,
-        owner.uid,
-        body.master,
-        body.name,
-        body.super,
-        members.specs,
-        members.given,
-        request_id_of(request),
+        owner.appid, owner.uid, body.new_group(), request_id_of(request)
     )
     return data({"group_id": gid})
 

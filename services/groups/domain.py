@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from shared.bus import Bus
@@ -92,6 +92,18 @@ class MemberSpec:
     uid: int
     name: str | None = None
     avatar: str | None = None
+
+
+@dataclass(frozen=True)
+class NewGroup:
+    """A group as a create request describes it; ``given``: its members as listed (uids or
+    ``{uid, name?, avatar?}``), for the ``create`` notification."""
+
+    master: int
+    name: str
+    is_super: bool
+    members: list[MemberSpec]
+    given: list[int | dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -372,18 +384,11 @@ class GroupsDomain:
             raise ParleyError("group busy, retry", status=503) from None
 
     async def create(
-        self,
-        appid: int,
-        master: int,
-        name: str,
-        is_super: bool,
-        members: Sequence[MemberSpec],
-        members_given: list[int | dict[str, Any]],
-        group_id: int | None = None,
-        rid: str = "",
+        self, appid: int, new: NewGroup, group_id: int | None = None, rid: str = ""
     ) -> int:
         """S3/S21. The master is a member only if listed (the client route lists the caller)."""
-        uids = sorted({m.uid for m in members})
+        master, name, is_super = new.master, new.name, new.is_super
+        uids = sorted({m.uid for m in new.members})
         now = int(time.time())
         for _ in range(5):
             gid = group_id if group_id else await self.repo.next_gid()
@@ -405,7 +410,7 @@ class GroupsDomain:
                 members=uids,
                 revision=1,
                 master=master,
-                members_given=members_given,
+                members_given=new.given,
             )
 
             def step(
@@ -564,46 +569,30 @@ class GroupsDomain:
     # ---- the API's operations: the limits and spec §6's rules, then the change ----
 
     async def do_create_group(
-        self,
-        appid: int,
-        master: int,
-        name: str,
-        is_super: bool,
-        members: Sequence[MemberSpec],
-        given: list[int | dict[str, Any]],
-        group_id: int | None,
-        rid: str = "",
+        self, appid: int, new: NewGroup, group_id: int | None, rid: str = ""
     ) -> int:
         """S3: a caller-supplied ``group_id`` is honoured when > 0 and the policy says so."""
-        check_texts(self.policy, name)
-        check_members(self.policy, members)
-        check_group_size(self.policy, members, group=None, is_super=is_super)
+        check_texts(self.policy, new.name)
+        check_members(self.policy, new.members)
+        check_group_size(self.policy, new.members, group=None, is_super=new.is_super)
         external = group_id if self.policy.external_group_id and (group_id or 0) > 0 else None
-        return await self.create(appid, master, name, is_super, members, given, external, rid)
+        return await self.create(appid, new, external, rid)
 
     async def do_client_create_group(
-        self,
-        appid: int,
-        caller: int,
-        master: int,
-        name: str,
-        is_super: bool,
-        members: Sequence[MemberSpec],
-        given: list[int | dict[str, Any]],
-        rid: str = "",
+        self, appid: int, caller: int, new: NewGroup, rid: str = ""
     ) -> int:
         """S21: the caller is the master and a member; at most
         ``client_groups_per_minute`` creations per caller."""
-        self.check_client_create(caller, master, is_super)
-        check_texts(self.policy, name)
-        check_members(self.policy, members)
-        specs = list(members)
-        if caller not in {s.uid for s in specs}:
-            specs.append(MemberSpec(caller))  # the creator is a member (spec S21)
-        check_group_size(self.policy, specs, group=None, is_super=is_super)
+        self.check_client_create(caller, new.master, new.is_super)
+        check_texts(self.policy, new.name)
+        check_members(self.policy, new.members)
+        if caller not in {s.uid for s in new.members}:
+            # The creator is a member (spec S21).
+            new = replace(new, members=[*new.members, MemberSpec(caller)])
+        check_group_size(self.policy, new.members, group=None, is_super=new.is_super)
         if not self.creations.take(appid, caller):
             raise ParleyError(TOO_MANY_GROUPS)
-        return await self.create(appid, caller, name, is_super, specs, given, None, rid)
+        return await self.create(appid, new, None, rid)
 
     def check_client_create(self, caller: int, master: int, is_super: bool) -> None:
         """S21's rules on the request itself (checked before its members are parsed)."""

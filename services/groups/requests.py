@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict
 from shared.errors import NO_MEMBERS_TO_DELETE, InvalidParam, ParleyError
 from shared.ids import Flag, Id, IdOrZero, Text, parse_positive_id
 
-from .domain import Inviter, MemberSettings, MemberSpec
+from .domain import Inviter, MemberSettings, MemberSpec, NewGroup
 
 
 class CreateGroupRequest(BaseModel):
@@ -23,6 +23,11 @@ class CreateGroupRequest(BaseModel):
     super: Flag = False
     members: list[Any]
     group_id: IdOrZero | None = None  # honoured when > 0 (spec S3)
+
+    def new_group(self) -> NewGroup:
+        """The group described, its member entries parsed (``parse_members``)."""
+        members = parse_members(self.members)
+        return NewGroup(self.master, self.name, self.super, members.specs, members.given)
 
 
 class RenameRequest(BaseModel):
