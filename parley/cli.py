@@ -510,7 +510,8 @@ async def _store_action(settings: Settings, args: argparse.Namespace) -> dict[st
             if await auth.get_app(args.app) is None:
                 raise ParleyError(f"no app {args.app}")
             return {"store_id": await customer.create_store(args.app, args.name)}
-        return {"seller_id": await customer.add_agent(args.store, args.name)}
+        appid = await customer.app_of_store(args.store)
+        return {"seller_id": await customer.add_agent(appid, args.store, args.name)}
     finally:
         await client.close()
 

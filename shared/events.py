@@ -338,6 +338,26 @@ class RoomMessage(MessageEvent):
 # ---- customer service ---------------------------------------------------------------------
 
 
+class StoreCreated(Event):
+    """An app's customer-service store was created (``parley store create``)."""
+
+    routing_key: ClassVar[str] = "customer.store.created"
+    version: Literal[1] = 1
+    store_id: int
+    name: str
+
+
+class AgentAdded(Event):
+    """An agent (seller) joined a store (``parley store add-agent``); ``appid`` is the app of
+    the store."""
+
+    routing_key: ClassVar[str] = "customer.agent.added"
+    version: Literal[1] = 1
+    store_id: int
+    seller_id: int
+    name: str
+
+
 class CustomerRegistered(Event):
     routing_key: ClassVar[str] = "customer.registered"
     version: Literal[1] = 1

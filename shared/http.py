@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sized
 from typing import Any, NoReturn, TypeVar
 
 from aiohttp import web
@@ -115,18 +114,6 @@ def parse_model(model: type[M], data: Any, message: str | None = None) -> M:
         return model.model_validate(data)
     except ValidationError as exc:
         raise (InvalidParam() if message is None else InvalidParam(message)) from exc
-
-
-def check_length(value: str | None, limit: int) -> None:
-    """A text field within its configured length (in characters); 400 ``invalid param``."""
-    if value is not None and len(value) > limit:
-        raise InvalidParam()
-
-
-def check_count(items: Sized, limit: int) -> None:
-    """At most ``limit`` entries in one request; 400 ``invalid param``."""
-    if len(items) > limit:
-        raise InvalidParam()
 
 
 async def read_model(request: web.Request, model: type[M]) -> M:

@@ -98,7 +98,7 @@ async def test_commands_per_request(counted: tuple[Stack, Counter]) -> None:
     app = await stack.new_app()
     customer = CustomerDomain(stack.db, None, stack.settings, None)
     store_id = await customer.create_store(app.appid, "desk")
-    await customer.add_agent(store_id, "ann")
+    await customer.add_agent(app.appid, store_id, "ann")
     await stack.token(app, 1, "warm")  # the app's credentials are now known to the process
 
     async def count(method: str, path: str, body: Any, headers: dict[str, str]) -> list[Any]:

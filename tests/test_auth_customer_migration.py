@@ -132,7 +132,7 @@ async def test_data_of_the_previous_shape_keeps_working(mongo_url: str) -> None:
             )
             assert status == 200 and body["data"]["client_id"] > base + 1
             customer = CustomerDomain(stack.db, None, stack.settings, None)
-            assert await customer.add_agent(1, "bob") > 1
+            assert await customer.add_agent(1, 1, "bob") > 1
             new_app = await stack.new_app()
             assert new_app.appid > 2
             # Events left in the old outboxes are published by the relay, with their ids.

@@ -9,12 +9,14 @@ import base64
 from typing import Any
 
 import aiohttp
+import pytest
 
 from services.auth.repository import AuthRepository
 from services.customer.domain import CustomerDomain
 from services.messages.domain import MessagesDomain
 from services.messages.repository import MessagesRepository
-from shared.events import AgentPresence, CustomerRegistered
+from shared.errors import ParleyError
+from shared.events import AgentAdded, AgentPresence, CustomerRegistered, StoreCreated
 
 from .conftest import App, Stack, md5_hex
 from .test_messages import parley_with
@@ -31,7 +33,7 @@ async def desk(stack: Stack, app: App, agents: list[str]) -> tuple[int, list[int
     """A store for the app with these agents (what `parley store ...` does)."""
     customer = CustomerDomain(stack.db, None, stack.settings, None)
     store_id = await customer.create_store(app.appid, "desk")
-    return store_id, [await customer.add_agent(store_id, name) for name in agents]
+    return store_id, [await customer.add_agent(app.appid, store_id, name) for name in agents]
 
 
 async def register(
@@ -39,6 +41,32 @@ async def register(
 ) -> tuple[int, Any]:
     status, reply, _ = await stack.request("POST", path, json=body, headers=app_key(app))
     return status, reply
+
+
+async def test_stores_and_agents_are_announced(stack: Stack) -> None:
+    """What `parley store ...` writes gets its event (published by the running customer
+    service's relay: the command has no broker)."""
+    app, other = await stack.new_app(), await stack.new_app()
+    async with stack.recorder(app.appid, "customer.#") as events:
+        store_id, (ann,) = await desk(stack, app, ["ann@example.com"])
+        received = await events.wait_for(2)
+    by_type = {type(e): e for e in received}
+    assert len(received) == 2 and set(by_type) == {StoreCreated, AgentAdded}
+    created, added = by_type[StoreCreated], by_type[AgentAdded]
+    assert isinstance(created, StoreCreated) and isinstance(added, AgentAdded)
+    assert (created.appid, created.store_id, created.name) == (app.appid, store_id, "desk")
+    assert (added.appid, added.store_id, added.seller_id, added.name) == (
+        app.appid,
+        store_id,
+        ann,
+        "ann@example.com",
+    )
+    # Another app names the store in vain: nothing is added.
+    customer = CustomerDomain(stack.db, None, stack.settings, None)
+    with pytest.raises(ParleyError, match=f"no store {store_id} of app {other.appid}"):
+        await customer.add_agent(other.appid, store_id, "eve")
+    assert await customer.store_sellers(app.appid, store_id) == [ann]
+    assert await customer.store_sellers(other.appid, store_id) == []
 
 
 async def test_register_a_visitor(stack: Stack) -> None:
@@ -196,7 +224,7 @@ async def test_choosing_an_agent(stack: Stack) -> None:
     desk_repo = CustomerDomain(stack.db, None, stack.settings, None).repo
     async with asyncio.timeout(10):
         while True:
-            store = await desk_repo.store(store_id)
+            store = await desk_repo.store(app.appid, store_id)
             assert store is not None
             if {a.seller_id for a in store.agents if a.status == "online"} >= {bob, cid}:
                 break

@@ -118,7 +118,7 @@ async def test_concurrent_registrations_get_distinct_client_ids(any_stack: Stack
     app = await stack.new_app()
     customer = CustomerDomain(stack.db, None, stack.settings, None)
     store_id = await customer.create_store(app.appid, "desk")
-    await customer.add_agent(store_id, "ann")
+    await customer.add_agent(app.appid, store_id, "ann")
     pending = list(range(REGISTRATIONS))
     answers: list[tuple[int, Any]] = []
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict
 from shared.auth import VERIFIER, CachingVerifier, server_auth
 from shared.errors import ParleyError
 from shared.events import DoNotDisturb
-from shared.http import check_length, data, empty_ok, parse_model, path_id, read_json, read_model
+from shared.http import data, empty_ok, parse_model, path_id, read_json, read_model
 from shared.ids import Flag, Id, Text
 from shared.internal import UidTaken
 from shared.jsonio import json_response
@@ -66,6 +66,15 @@ class SettingsRequest(BaseModel):
     do_not_disturb: DoNotDisturbRequest | None = None
     mute: Flag | None = None
 
+    def change(self) -> SettingsChange:
+        dnd = self.do_not_disturb
+        return SettingsChange(
+            name=self.name,
+            forbidden=self.forbidden,
+            do_not_disturb=DoNotDisturb(peer_uid=dnd.peer_uid, on=dnd.on) if dnd else None,
+            mute=self.mute,
+        )
+
 
 class VerifyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -88,7 +97,6 @@ def domain(request: web.Request) -> AuthDomain:
 async def grant(request: web.Request) -> web.Response:
     appid = await server_auth(request)
     body = await read_model(request, GrantRequest)
-    check_length(body.user_name, request.app[SETTINGS].max_name_length)
     token = await domain(request).grant(appid, body.uid, body.user_name, request_id_of(request))
     return data({"token": token})
 
@@ -97,17 +105,7 @@ async def user_settings(request: web.Request) -> web.Response:
     uid = path_id(request, "uid")
     appid = await server_auth(request)
     body = await read_model(request, SettingsRequest)
-    check_length(body.name, request.app[SETTINGS].max_name_length)
-    dnd = body.do_not_disturb
-    change = SettingsChange(
-        name=body.name,
-        forbidden=body.forbidden,
-        do_not_disturb=DoNotDisturb(peer_uid=dnd.peer_uid, on=dnd.on) if dnd else None,
-        mute=body.mute,
-    )
-    if change.is_empty():
-        raise ParleyError("invalid param")
-    await domain(request).change_settings(appid, uid, change, request_id_of(request))
+    await domain(request).change_settings(appid, uid, body.change(), request_id_of(request))
     return empty_ok()
 
 

@@ -13,15 +13,16 @@ import secrets
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from shared.auth import TokenOwner, Verifier
 from shared.bus import Bus
 from shared.errors import INVALID_APPID, INVALID_IP, InvalidParam, InvalidToken, ParleyError
 from shared.events import AppCreated, DoNotDisturb, Event, TokenGranted, UserSettingsChanged
 from shared.internal import TokenIssuer, UidTaken
+from shared.limits import check_length
 from shared.mongo import Document
 from shared.revlog import Compute, Conflict, Versioned
-from shared.settings import Settings
 
 from .repository import AppRecord, AuthRepository
 
@@ -37,6 +38,16 @@ def new_token(length: int = TOKEN_LENGTH) -> str:
 
 def md5_hex(text: str) -> str:
     return hashlib.md5(text.encode()).hexdigest()
+
+
+class AuthPolicy(Protocol):
+    """The settings the auth domain decides with, each the ``PARLEY_*`` of its name
+    (``Settings`` is one)."""
+
+    @property
+    def ip_permissions(self) -> dict[int, list[str]]: ...
+    @property
+    def max_name_length(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -61,10 +72,10 @@ class SettingsChange:
 
 
 class AuthDomain:
-    def __init__(self, repo: AuthRepository, bus: Bus | None, settings: Settings) -> None:
+    def __init__(self, repo: AuthRepository, bus: Bus | None, policy: AuthPolicy) -> None:
         self.repo = repo
         self.bus = bus
-        self.settings = settings
+        self.policy = policy
 
     # ---- apps ----
 
@@ -90,7 +101,7 @@ class AuthDomain:
             md5_hex(app.secret).encode(), secret_md5.lower().encode()
         ):
             raise ParleyError(INVALID_APPID)
-        allowed = self.settings.ip_permissions.get(appid)
+        allowed = self.policy.ip_permissions.get(appid)
         if allowed and client_ip and client_ip not in allowed:
             raise ParleyError(INVALID_IP)
 
@@ -133,7 +144,9 @@ class AuthDomain:
 
     async def grant(self, appid: int, uid: int, user_name: str, request_id: str = "") -> str:
         """S1: the user's permanent token (created on first grant); ``user_name`` is stored.
-        A re-grant that changes nothing writes nothing and publishes nothing."""
+        A re-grant that changes nothing writes nothing and publishes nothing; a name longer
+        than ``max_name_length`` is 400 ``invalid param``."""
+        check_length(user_name, self.policy.max_name_length)
         minted = new_token()
 
         def compute(current: Versioned) -> tuple[Document, list[Event]] | None:
@@ -158,7 +171,12 @@ class AuthDomain:
     async def change_settings(
         self, appid: int, uid: int, change: SettingsChange, request_id: str = ""
     ) -> None:
-        """S2: apply every recognised key present, in the spec's order, in one revision."""
+        """S2: apply every recognised key present, in the spec's order, in one revision; a
+        change of nothing, or a name longer than ``max_name_length``, is 400 ``invalid
+        param``."""
+        check_length(change.name, self.policy.max_name_length)
+        if change.is_empty():
+            raise InvalidParam()
         fields: dict[str, object] = {}
         if change.name is not None:
             fields["name"] = change.name

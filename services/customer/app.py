@@ -12,8 +12,8 @@ from aiohttp import web
 from pydantic import BaseModel, BeforeValidator, ConfigDict
 
 from shared.auth import app_key_auth, client_auth
-from shared.errors import INVALID_APPID, REQUIRE_STORE_ID, ParleyError
-from shared.http import check_length, data, parse_model, path_id, read_json, required_query_id
+from shared.errors import REQUIRE_STORE_ID, ParleyError
+from shared.http import data, parse_model, path_id, query_id, read_json, required_query_id
 from shared.ids import Id, Text, parse_id
 from shared.internal import HttpTokenIssuer, TokenIssuer
 from shared.jsonio import json_response
@@ -24,7 +24,6 @@ from shared.settings import Settings
 from shared.web import (
     BUS,
     DB,
-    SETTINGS,
     Deps,
     bus_ctx,
     cors_preflight,
@@ -66,22 +65,18 @@ class RegisterRequest(BaseModel):
 
 
 async def _register(
-    request: web.Request, header_appid: int | None, *, keep_profile: bool = False
+    request: web.Request, authenticated: int | None, *, keep_profile: bool = False
 ) -> web.Response:
-    """X2/S17. The visitor's name and avatar are replaced (with "" when left out), except with
-    ``keep_profile``, where a field left out keeps its stored value."""
+    """X2/S17 (see ``CustomerDomain.do_register``)."""
     body = parse_model(RegisterRequest, await read_json(request))
-    settings = request.app[SETTINGS]
-    check_length(body.customer_id, settings.max_name_length)
-    check_length(body.name, settings.max_name_length)
-    check_length(body.avatar, settings.max_avatar_length)
-    if header_appid is not None and header_appid != body.appid:
-        raise ParleyError(INVALID_APPID)  # one app's key never mints another app's tokens
-    name, avatar = body.name, body.avatar
-    if not keep_profile:
-        name, avatar = name or "", avatar or ""
-    registration = await domain(request).register(
-        body.appid, body.customer_id, name, avatar, request_id_of(request)
+    registration = await domain(request).do_register(
+        body.appid,
+        body.customer_id,
+        body.name,
+        body.avatar,
+        authenticated=authenticated,
+        keep_profile=keep_profile,
+        rid=request_id_of(request),
     )
     return data(
         {
@@ -95,10 +90,10 @@ async def _register(
 async def customer_token(request: web.Request) -> web.Response:
     """S17: no credentials by default; app-key Basic, when sent (or required), is checked. As
     anyone may call it, it never erases a visitor's stored name or avatar."""
-    header_appid = None
-    if "Authorization" in request.headers or request.app[SETTINGS].customer_auth_requires_appkey:
-        header_appid = await app_key_auth(request)
-    return await _register(request, header_appid, keep_profile=True)
+    authenticated = None
+    if domain(request).needs_app_key("Authorization" in request.headers):
+        authenticated = await app_key_auth(request)
+    return await _register(request, authenticated, keep_profile=True)
 
 
 async def customer_register(request: web.Request) -> web.Response:
@@ -135,8 +130,7 @@ class PresenceRequest(BaseModel):
 async def internal_customer(request: web.Request) -> web.Response:
     appid = required_query_id(request, "appid")
     customer_id = request.query.get("customer_id", "")
-    directory = LocalCustomerDirectory(domain(request))
-    client_id = await directory.client_id(appid, customer_id) if customer_id else None
+    client_id = await domain(request).client_id(appid, customer_id) if customer_id else None
     if client_id is None:
         raise web.HTTPNotFound()
     return json_response({"client_id": client_id})
@@ -145,16 +139,18 @@ async def internal_customer(request: web.Request) -> web.Response:
 async def internal_store_sellers(request: web.Request) -> web.Response:
     store_id = path_id(request, "store_id")
     appid = required_query_id(request, "appid")
-    sellers = await LocalCustomerDirectory(domain(request)).store_sellers(appid, store_id)
+    sellers = await domain(request).store_sellers(appid, store_id)
     if not sellers:
         raise web.HTTPNotFound()
     return json_response({"sellers": sellers})
 
 
 async def internal_presence(request: web.Request) -> web.Response:
+    """An agent's status; with ``?appid=``, only an agent of that app's store is found."""
     seller_id = path_id(request, "seller_id")
+    appid = query_id(request, "appid")
     body = parse_model(PresenceRequest, await read_json(request))
-    if not await domain(request).set_presence(seller_id, body.status):
+    if not await domain(request).set_presence(appid, seller_id, body.status):
         raise web.HTTPNotFound()
     return json_response({"seller_id": seller_id, "status": body.status})
 

@@ -12,23 +12,61 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import Literal, Protocol
 
 import structlog
 
 from shared.bus import Bus
-from shared.errors import APP_NO_CUSTOMER, STORE_NO_SUPPORTER, ParleyError
-from shared.events import AgentPresence, CustomerRegistered, Event, SupporterAssigned, utcnow
+from shared.errors import APP_NO_CUSTOMER, INVALID_APPID, STORE_NO_SUPPORTER, ParleyError
+from shared.events import (
+    AgentAdded,
+    AgentPresence,
+    CustomerRegistered,
+    Event,
+    StoreCreated,
+    SupporterAssigned,
+    utcnow,
+)
 from shared.internal import CustomerDirectory, TokenIssuer, UidTaken
+from shared.limits import check_length
 from shared.mongo import Database, Document
 from shared.revlog import Conflict, Versioned
-from shared.settings import Settings
 
 from .repository import Agent, CustomerRepository, Store, Visitor, to_store, visitor_key
 
 log = structlog.get_logger("parley.customer")
 
 TOKEN_ATTEMPTS = 3
+
+
+class CustomerPolicy(Protocol):
+    """The settings the customer domain decides with, each the ``PARLEY_*`` of its name
+    (``Settings`` is one)."""
+
+    @property
+    def customer_client_id_base(self) -> int: ...
+    @property
+    def customer_auth_requires_appkey(self) -> bool: ...
+    @property
+    def max_name_length(self) -> int: ...
+    @property
+    def max_avatar_length(self) -> int: ...
+
+
+def check_profile(
+    policy: CustomerPolicy, customer_id: str | None, name: str | None, avatar: str | None
+) -> None:
+    """A visitor's customer id and name within ``max_name_length``, avatar within
+    ``max_avatar_length`` (400 ``invalid param``)."""
+    check_length(customer_id, policy.max_name_length)
+    check_length(name, policy.max_name_length)
+    check_length(avatar, policy.max_avatar_length)
+
+
+def check_same_app(appid: int, authenticated: int | None) -> None:
+    """One app's key never mints another app's tokens (spec S17/X2)."""
+    if authenticated is not None and authenticated != appid:
+        raise ParleyError(INVALID_APPID)
 
 
 @dataclass(frozen=True)
@@ -51,16 +89,18 @@ class _Taken(Exception):
 
 class CustomerDomain:
     def __init__(
-        self, db: Database, bus: Bus | None, settings: Settings, tokens: TokenIssuer | None
+        self, db: Database, bus: Bus | None, policy: CustomerPolicy, tokens: TokenIssuer | None
     ) -> None:
-        self.repo = CustomerRepository(db, settings.customer_client_id_base)
+        self.repo = CustomerRepository(db, policy.customer_client_id_base)
         self.bus = bus
-        self.settings = settings
+        self.policy = policy
         self.tokens = tokens
 
     # ---- stores and agents (management) ----
 
     async def create_store(self, appid: int, name: str) -> int:
+        """The app's store (one per app), announced by ``customer.store.created`` once the app's
+        claim is held: a store that loses the claim to a concurrent one is dropped unannounced."""
         store_id = await self.repo.next_store_id()
         state: Document = {"appid": appid, "name": name, "agents": {}}
 
@@ -70,35 +110,56 @@ class CustomerDomain:
             return {"op": "create", "s": state}, []
 
         try:
-            await self.repo.change_store(store_id, create, self.bus, new=True)
+            await self.repo.change_store(appid, store_id, create, self.bus, new=True)
         except _Taken:
             raise ParleyError(f"store id {store_id} is taken") from None
-        if not await self.repo.claim(f"app:{appid}", store_id):
-            await self.repo.change_store(store_id, lambda _: ({"op": "drop"}, []), self.bus)
+        if not await self.repo.claim_app_store(appid, store_id):
+            await self.repo.change_store(appid, store_id, lambda _: ({"op": "drop"}, []), self.bus)
             raise ParleyError(f"app {appid} already has a store")
+        event = StoreCreated(appid=appid, store_id=store_id, name=name)
+        await self.repo.change_store(
+            appid, store_id, lambda _: ({"op": "claimed"}, [event]), self.bus
+        )
         return store_id
 
-    async def add_agent(self, store_id: int, name: str) -> int:
-        if await self.repo.store(store_id) is None:
+    async def app_of_store(self, store_id: int) -> int:
+        """The app a store belongs to (for management commands that name only the store)."""
+        appid = await self.repo.store_app(store_id)
+        if appid is None:
             raise ParleyError(f"no store {store_id}")
+        return appid
+
+    async def add_agent(self, appid: int, store_id: int, name: str) -> int:
+        """A new agent (seller) of the app's store, announced by ``customer.agent.added``."""
+        if await self.repo.store(appid, store_id) is None:
+            raise ParleyError(f"no store {store_id} of app {appid}")
         seller_id = await self.repo.next_seller_id()
-        await self.repo.claim(f"seller:{seller_id}", store_id)
+        await self.repo.claim_seller(seller_id, store_id)
+        event = AgentAdded(appid=appid, store_id=store_id, seller_id=seller_id, name=name)
+        known = False
 
-        def join(current: Versioned) -> tuple[Document, list[Event]]:
+        def join(current: Versioned) -> tuple[Document, list[Event]] | None:
+            nonlocal known
             if current.state is None:
-                raise ParleyError(f"no store {store_id}")
-            return {"op": "agent", "id": seller_id, "name": name}, []
+                return None
+            known = True
+            return {"op": "agent", "id": seller_id, "name": name}, [event]
 
-        await self.repo.change_store(store_id, join, self.bus)
+        await self.repo.change_store(appid, store_id, join, self.bus)
+        if not known:
+            raise ParleyError(f"no store {store_id} of app {appid}")
         return seller_id
 
     async def _presence(
-        self, seller_id: int, status: str, at: datetime, appid: int | None, announce: bool
+        self, appid: int | None, seller_id: int, status: str, at: datetime, announce: bool
     ) -> bool:
         """Record an agent's status unless a newer one is known; False for an unknown agent
-        (or one of another app than ``appid``)."""
-        store_id = await self.repo.claimed(f"seller:{seller_id}")
+        (or one of another app than ``appid``; None: the agent's own app)."""
+        store_id = await self.repo.seller_store(seller_id)
         if store_id is None:
+            return False
+        owner = appid if appid is not None else await self.repo.store_app(store_id)
+        if owner is None:
             return False
         known = True
 
@@ -106,7 +167,7 @@ class CustomerDomain:
             nonlocal known
             store = to_store(store_id, current.state)
             agent = _agent(store, seller_id)
-            if store is None or agent is None or (appid is not None and store.appid != appid):
+            if store is None or agent is None:
                 known = False
                 return None
             if agent.status_at is not None and agent.status_at >= at:
@@ -117,28 +178,58 @@ class CustomerDomain:
             return {"op": "presence", "id": seller_id, "status": status, "at": at}, events
 
         try:
-            await self.repo.change_store(store_id, compute, self.bus)
+            store = await self.repo.change_store(owner, store_id, compute, self.bus)
         except Conflict:
             raise ParleyError("store busy, retry", status=503) from None
-        return known
+        return known and store is not None
 
     async def set_presence(
-        self, seller_id: int, status: Literal["online", "offline"], at: datetime | None = None
+        self,
+        appid: int | None,
+        seller_id: int,
+        status: Literal["online", "offline"],
+        at: datetime | None = None,
     ) -> bool:
-        """Record an agent's status unless a newer one is known; False for an unknown agent."""
-        return await self._presence(seller_id, status, at or utcnow(), None, announce=True)
+        """Record an agent's status unless a newer one is known; False for an unknown agent
+        (or, with ``appid``, an agent of another app)."""
+        return await self._presence(appid, seller_id, status, at or utcnow(), announce=True)
 
     async def on_presence_event(self, event: Event) -> None:
         """``agent.presence`` from a delivery server (replays and stale ones change nothing)."""
         if isinstance(event, AgentPresence):
             await self._presence(
-                event.seller_id, event.status, event.occurred_at, event.appid, announce=False
+                event.appid, event.seller_id, event.status, event.occurred_at, announce=False
             )
 
     # ---- visitors ----
 
+    def needs_app_key(self, credentials_sent: bool) -> bool:
+        """S17: app-key credentials are checked when sent, or always when
+        ``customer_auth_requires_appkey``."""
+        return credentials_sent or self.policy.customer_auth_requires_appkey
+
+    async def do_register(
+        self,
+        appid: int,
+        customer_id: str | None,
+        name: str | None,
+        avatar: str | None,
+        *,
+        authenticated: int | None,
+        keep_profile: bool,
+        rid: str = "",
+    ) -> Registration:
+        """X2/S17 as asked: the profile within its limits, the app the one authenticated (if
+        any). The visitor's name and avatar are replaced (with "" when left out), except with
+        ``keep_profile``, where a field left out keeps its stored value."""
+        check_profile(self.policy, customer_id, name, avatar)
+        check_same_app(appid, authenticated)
+        if not keep_profile:
+            name, avatar = name or "", avatar or ""
+        return await self.register(appid, customer_id, name, avatar, rid)
+
     async def store_of(self, appid: int) -> int:
-        store_id = await self.repo.claimed(f"app:{appid}")
+        store_id = await self.repo.app_store(appid)
         if store_id is None:
             raise ParleyError(APP_NO_CUSTOMER)
         return store_id
@@ -163,7 +254,8 @@ class CustomerDomain:
                 token = await self._customer_token(appid, visitor.client_id, name, avatar)
             except UidTaken:
                 # The number is an app user's uid: move this visitor to a fresh id.
-                visitor = await self._move(visitor, await self.repo.next_client_id(appid), rid)
+                fresh = await self.repo.next_client_id(appid)
+                visitor = await self._move(appid, visitor, fresh, rid)
                 continue
             return Registration(token, store_id, visitor.client_id)
         raise ParleyError("no client id available", status=503)
@@ -187,7 +279,7 @@ class CustomerDomain:
         self, appid: int, customer_id: str | None, store_id: int, rid: str
     ) -> Visitor:
         if customer_id:
-            known = await self.repo.visitor(visitor_key(appid, customer_id))
+            known = await self.repo.visitor(appid, customer_id)
             if known is not None:
                 return known
         client_id = await self.repo.next_client_id(appid)
@@ -202,6 +294,7 @@ class CustomerDomain:
             return {"f": fields}, [event]
 
         visitor = await self.repo.change_visitor(
+            appid,
             visitor_key(appid, customer_id, client_id),
             create,
             self.bus,
@@ -211,26 +304,30 @@ class CustomerDomain:
         assert visitor is not None
         return visitor
 
-    async def _move(self, visitor: Visitor, fresh: int, rid: str) -> Visitor:
+    async def _move(self, appid: int, visitor: Visitor, fresh: int, rid: str) -> Visitor:
         def move(current: Versioned) -> tuple[Document, list[Event]] | None:
             if current.state is None or current.state["client_id"] != visitor.client_id:
                 return None  # already moved by a concurrent registration
             return {"f": {"client_id": fresh}}, []
 
-        moved = await self.repo.change_visitor(visitor.key, move, self.bus, rid)
+        moved = await self.repo.change_visitor(appid, visitor.key, move, self.bus, rid)
         assert moved is not None
         return moved
 
     async def client_id(self, appid: int, customer_id: str) -> int | None:
-        visitor = await self.repo.visitor(visitor_key(appid, customer_id))
+        visitor = await self.repo.visitor(appid, customer_id)
         return visitor.client_id if visitor else None
 
     # ---- choosing an agent ----
 
     async def store(self, appid: int, store_id: int) -> Store | None:
         """The app's store ``store_id`` as of now (None: not this app's)."""
-        store = await self.repo.store(store_id)
-        return store if store is not None and store.appid == appid else None
+        return await self.repo.store(appid, store_id)
+
+    async def store_sellers(self, appid: int, store_id: int) -> list[int]:
+        """The seller ids of the app's store ``store_id`` ([]: not this app's)."""
+        store = await self.store(appid, store_id)
+        return [a.seller_id for a in store.agents] if store else []
 
     async def supporter(self, appid: int, uid: int, store_id: int, rid: str = "") -> Supporter:
         """S18: the visitor's previous agent of this store if still there (even offline), else
@@ -274,5 +371,4 @@ class LocalCustomerDirectory(CustomerDirectory):
         return await self._domain.client_id(appid, customer_id)
 
     async def store_sellers(self, appid: int, store_id: int) -> list[int]:
-        store = await self._domain.store(appid, store_id)
-        return [a.seller_id for a in store.agents] if store else []
+        return await self._domain.store_sellers(appid, store_id)

@@ -3,7 +3,8 @@
 
 * ``customer_desk_revs|heads|pending``: each store is a log keyed ``"<store_id>"``; deltas
   ``{op: "create", s}``, ``{op: "agent", id, name}`` (an agent joins),
-  ``{op: "presence", id, status, at}``, ``{op: "drop"}``; the state is ``{appid, name,
+  ``{op: "presence", id, status, at}``, ``{op: "drop"}``, ``{op: "claimed"}`` (the app's claim
+  is held: the revision that announces the store); the state is ``{appid, name,
   agents: {"<seller_id>": [name, status, status_at]}}``.
 * ``customer_keys``: insert-only claims: ``{_id: "app:<appid>", store_id}`` (one store per
   app: the first insert wins) and ``{_id: "seller:<seller_id>", store_id}``. They never
@@ -25,6 +26,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict
@@ -32,7 +34,7 @@ from pymongo import IndexModel
 from pymongo.errors import DuplicateKeyError
 
 from shared.bus import Bus
-from shared.events import utcnow
+from shared.events import Event, utcnow
 from shared.idblocks import IdBlocks
 from shared.legacy import insert_new, outbox_events, write_first_revisions
 from shared.mongo import Collection, Database, Document
@@ -92,6 +94,8 @@ def fold_desk(state: Document | None, delta: Document) -> Document | None:
         return dict(delta["s"])
     if state is None or op == "drop":
         return None
+    if op == "claimed":
+        return state
     agents = dict(state["agents"])
     key = str(delta["id"])
     if op == "agent":
@@ -159,9 +163,9 @@ class CustomerRepository:
             self._client_ids[appid] = blocks
         return await blocks.next_id()
 
-    # ---- claims ----
+    # ---- claims (insert-only: a process keeps what it has read) ----
 
-    async def claim(self, name: str, store_id: int) -> bool:
+    async def _claim(self, name: str, store_id: int) -> bool:
         """Insert the claim ``name`` -> ``store_id``; False when someone holds it."""
         try:
             await self.keys.insert_one({"_id": name, "store_id": store_id})
@@ -170,7 +174,7 @@ class CustomerRepository:
         self._claims[name] = store_id
         return True
 
-    async def claimed(self, name: str) -> int | None:
+    async def _claimed(self, name: str) -> int | None:
         """The store a claim names (a lookup the first time this process asks)."""
         known = self._claims.get(name)
         if known is not None:
@@ -181,32 +185,76 @@ class CustomerRepository:
         self._claims[name] = int(doc["store_id"])
         return self._claims[name]
 
+    async def claim_app_store(self, appid: int, store_id: int) -> bool:
+        """Make ``store_id`` the app's store; False when the app has one (the first wins)."""
+        return await self._claim(f"app:{appid}", store_id)
+
+    async def app_store(self, appid: int) -> int | None:
+        return await self._claimed(f"app:{appid}")
+
+    async def claim_seller(self, seller_id: int, store_id: int) -> bool:
+        """Record the store of a new seller (seller ids, like store ids, are global numbers:
+        a seller is a user of the customer-service app)."""
+        return await self._claim(f"seller:{seller_id}", store_id)
+
+    async def seller_store(self, seller_id: int) -> int | None:
+        return await self._claimed(f"seller:{seller_id}")
+
     # ---- stores ----
 
-    async def store(self, store_id: int) -> Store | None:
-        """The store as of its latest revision (one lookup when this process knows it)."""
-        return to_store(store_id, (await self.desks.read(str(store_id))).state)
+    async def store(self, appid: int, store_id: int) -> Store | None:
+        """The app's store as of its latest revision (one lookup when this process knows
+        it); None when there is none, or it is another app's."""
+        store = to_store(store_id, (await self.desks.read(str(store_id))).state)
+        return store if store is not None and store.appid == appid else None
+
+    async def store_app(self, store_id: int) -> int | None:
+        """The app a store belongs to (None: no such store), for callers that know only the
+        store's number: a management command, an agent's presence."""
+        state = (await self.desks.read(str(store_id))).state
+        return int(state["appid"]) if state is not None else None
 
     async def change_store(
-        self, store_id: int, compute: Compute, bus: Bus | None, *, new: bool = False
+        self, appid: int, store_id: int, compute: Compute, bus: Bus | None, *, new: bool = False
     ) -> Store | None:
-        after, _ = await self.desks.change(str(store_id), compute, bus=bus, new=new)
-        return to_store(store_id, after.state)
+        """The next revision of the app's store from ``compute``; a store of another app is
+        left alone (and None returned)."""
+
+        def scoped(current: Versioned) -> tuple[Document, Sequence[Event]] | None:
+            if current.state is not None and current.state["appid"] != appid:
+                return None
+            return compute(current)
+
+        after, _ = await self.desks.change(str(store_id), scoped, bus=bus, new=new)
+        store = to_store(store_id, after.state)
+        return store if store is not None and store.appid == appid else None
 
     # ---- visitors ----
 
-    async def visitor(self, key: str) -> Visitor | None:
-        """The visitor as this process last saw it (a lookup if it has not): its client id
-        changes only when the number turns out to be an app user's, which the caller learns
-        from the auth service and corrects with ``move_visitor``."""
+    async def visitor(self, appid: int, customer_id: str) -> Visitor | None:
+        """The app's visitor ``customer_id`` as this process last saw it (a lookup if it has
+        not): its client id changes only when the number turns out to be an app user's,
+        which the caller learns from the auth service and corrects with ``change_visitor``."""
+        key = visitor_key(appid, customer_id)
         current = self.visitors.cached(key)
         if current is None or current.state is None:
             current = await self.visitors.read(key)
         return _visitor(current)
 
     async def change_visitor(
-        self, key: str, compute: Compute, bus: Bus | None, request_id: str, *, new: bool = False
+        self,
+        appid: int,
+        key: str,
+        compute: Compute,
+        bus: Bus | None,
+        request_id: str,
+        *,
+        new: bool = False,
     ) -> Visitor | None:
+        """The next revision of the visitor logged under ``key`` (``visitor_key``: of this
+        app)."""
+        if not key.startswith((f"{appid}:", f"{appid}#")):
+            raise ValueError(f"visitor {key!r} is not of app {appid}")
         after, _ = await self.visitors.change(key, compute, bus=bus, request_id=request_id, new=new)
         return _visitor(after)
 

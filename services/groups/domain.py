@@ -2,17 +2,32 @@
 rules of spec §6. No HTTP here. Each change is one revision of the group's log
 (``repository.py``): the rule checks run against the state the revision is written on, so a
 check and its change cannot be separated by a concurrent writer, and the revision carries the
-change's ``group.*`` events (published right after, relayed if need be)."""
+change's ``group.*`` events (published right after, relayed if need be).
+
+The rules are functions: ``check_*`` refuse a request with the spec's error (the limits of
+``GroupPolicy`` and spec §6), and the rules that depend on the group are ``Check``s
+(``require_member``, ``removal_rule``, ...) run inside the change. Each endpoint is one
+``do_*`` operation: its checks, then the change that writes and announces."""
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 from shared.bus import Bus
-from shared.errors import GROUP_NON_EXISTS, NO_AUTHORITY, InvalidParam, ParleyError
+from shared.errors import (
+    GROUP_NON_EXISTS,
+    MASTER_MUST_BE_SELF,
+    NO_ACTION,
+    NO_AUTHORITY,
+    PATCH_NOTHING,
+    SETTING_OTHER_FORBIDDEN,
+    InvalidParam,
+    ParleyError,
+)
 from shared.events import (
     AddedMember,
     Event,
@@ -29,6 +44,7 @@ from shared.events import (
     RemovedMember,
 )
 from shared.internal import GroupDirectory, GroupSnapshot
+from shared.limits import check_count, check_length
 from shared.mongo import Document
 from shared.revlog import Conflict, Versioned
 
@@ -36,6 +52,37 @@ from .repository import Group, GroupsRepository, group_key, to_group
 
 Check = Callable[[Group], None]
 Compute = Callable[[Group], tuple[Document, list[Event]]]
+TOO_MANY_GROUPS = "too many groups created, retry later"
+
+
+class GroupPolicy(Protocol):
+    """The settings the groups domain decides with, each the ``PARLEY_*`` of its name
+    (``Settings`` is one; a test may pass any object with these)."""
+
+    @property
+    def max_name_length(self) -> int: ...
+    @property
+    def max_avatar_length(self) -> int: ...
+    @property
+    def max_notice_length(self) -> int: ...
+    @property
+    def max_nickname_length(self) -> int: ...
+    @property
+    def max_group_members(self) -> int: ...
+    @property
+    def max_super_group_members(self) -> int: ...
+    @property
+    def max_members_per_request(self) -> int: ...
+    @property
+    def external_group_id(self) -> bool: ...
+    @property
+    def notice_by_master_only(self) -> bool: ...
+    @property
+    def master_must_disband(self) -> bool: ...
+    @property
+    def client_super_groups(self) -> bool: ...
+    @property
+    def client_groups_per_minute(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -48,6 +95,18 @@ class MemberSpec:
 
 
 @dataclass(frozen=True)
+class NewGroup:
+    """A group as a create request describes it; ``given``: its members as listed (uids or
+    ``{uid, name?, avatar?}``), for the ``create`` notification."""
+
+    master: int
+    name: str
+    is_super: bool
+    members: list[MemberSpec]
+    given: list[int | dict[str, Any]]
+
+
+@dataclass(frozen=True)
 class MemberSettings:
     do_not_disturb: bool | None = None
     nickname: str | None = None
@@ -55,6 +114,186 @@ class MemberSettings:
 
     def is_empty(self) -> bool:
         return self.do_not_disturb is None and self.nickname is None and self.mute is None
+
+
+@dataclass(frozen=True)
+class Inviter:
+    """Who invited the members of an add, as the ``add_member`` notification shows them
+    (None: not given)."""
+
+    uid: int | None = None
+    name: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in (("uid", self.uid), ("name", self.name)) if v is not None}
+
+
+class CreationLimiter:
+    """At most ``limit`` group creations per (appid, uid) in any 60 seconds. Counted in this
+    process only: behind N replicas a client may create up to N times as many."""
+
+    WINDOW = 60.0
+    MAX_KEYS = 100_000
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._recent: dict[tuple[int, int], deque[float]] = {}
+
+    def take(self, appid: int, uid: int) -> bool:
+        """Record one creation if the caller is under the limit; False (nothing recorded)
+        otherwise."""
+        now = time.monotonic()
+        if len(self._recent) >= self.MAX_KEYS:
+            self._recent = {
+                k: v for k, v in self._recent.items() if v and v[-1] > now - self.WINDOW
+            }
+        recent = self._recent.setdefault((appid, uid), deque())
+        while recent and recent[0] <= now - self.WINDOW:
+            recent.popleft()
+        if len(recent) >= self._limit:
+            return False
+        recent.append(now)
+        return True
+
+
+# ---- the limits (PARLEY_MAX_*): 400 ``invalid param`` beyond them --------------------------
+
+
+def check_texts(policy: GroupPolicy, name: str | None, notice: str | None = None) -> None:
+    check_length(name, policy.max_name_length)
+    check_length(notice, policy.max_notice_length)
+
+
+def check_members(policy: GroupPolicy, members: Sequence[MemberSpec]) -> None:
+    """At most ``max_members_per_request`` members in one request, their names and avatars
+    within their limits."""
+    check_count(members, policy.max_members_per_request)
+    for spec in members:
+        check_length(spec.name, policy.max_name_length)
+        check_length(spec.avatar, policy.max_avatar_length)
+
+
+def check_inviter(policy: GroupPolicy, inviter: Inviter | None) -> None:
+    if inviter is not None:
+        check_length(inviter.name, policy.max_name_length)
+
+
+def check_group_size(
+    policy: GroupPolicy, specs: Sequence[MemberSpec], *, group: Group | None, is_super: bool
+) -> None:
+    """The group (``group``; None for a new one) stays within its member limit once ``specs``
+    join. For an existing group this runs as a rule of the change itself (``size_rule``), on
+    the state the change is written on, so concurrent additions cannot overshoot it."""
+    current = set(group.members) if group is not None else set()
+    after = len(current | {spec.uid for spec in specs})
+    limit = policy.max_super_group_members if is_super else policy.max_group_members
+    if after > limit:
+        raise InvalidParam()
+
+
+def size_rule(
+    policy: GroupPolicy, specs: Sequence[MemberSpec], first: Check | None = None
+) -> Check:
+    """``first`` (a §6 rule), then the member limit, as one rule of an add."""
+
+    def check(group: Group) -> None:
+        if first is not None:
+            first(group)
+        check_group_size(policy, specs, group=group, is_super=group.super)
+
+    return check
+
+
+def check_member_settings(policy: GroupPolicy, change: MemberSettings) -> None:
+    """S10/S28: the nickname within its limit; a change of nothing is 400 ``no action``."""
+    check_length(change.nickname, policy.max_nickname_length)
+    if change.is_empty():
+        raise ParleyError(NO_ACTION)
+
+
+# ---- spec §6: who may do what in a client group ---------------------------------------------
+
+
+def require_member(uid: int) -> Check:
+    """The caller is a live member of the group."""
+
+    def check(group: Group) -> None:
+        if not group.is_member(uid):
+            raise ParleyError(NO_AUTHORITY)
+
+    return check
+
+
+def require_master(uid: int) -> Check:
+    """The caller is the group's master."""
+
+    def check(group: Group) -> None:
+        if group.master != uid:
+            raise ParleyError(NO_AUTHORITY)
+
+    return check
+
+
+def all_of(*checks: Check) -> Check:
+    def check(group: Group) -> None:
+        for one in checks:
+            one(group)
+
+    return check
+
+
+def check_client_create(policy: GroupPolicy, caller: int, master: int, is_super: bool) -> None:
+    """S21: the caller creates as the master; super groups only when the policy allows."""
+    if master != caller:
+        raise ParleyError(MASTER_MUST_BE_SELF)
+    if is_super and not policy.client_super_groups:
+        raise ParleyError(NO_AUTHORITY)
+
+
+def notice_rule(policy: GroupPolicy, caller: int) -> Check:
+    """S23 ``notice``: a member, and the master unless ``notice_by_master_only`` is off."""
+    if policy.notice_by_master_only:
+        return all_of(require_member(caller), require_master(caller))
+    return require_member(caller)
+
+
+def removal_rule(policy: GroupPolicy, caller: int, mid: int) -> Check:
+    """S26: a member leaves (``mid`` = caller) or the master removes one; the master may not
+    leave a group that has other members when ``master_must_disband`` (they disband it)."""
+
+    def check(group: Group) -> None:
+        is_master = group.master == caller
+        if mid != caller and not is_master:
+            raise ParleyError(NO_AUTHORITY)
+        if mid == caller and not group.is_member(caller):
+            raise ParleyError(NO_AUTHORITY)  # only a member can leave
+        if (
+            mid == caller
+            and is_master
+            and policy.master_must_disband
+            and set(group.members) - {mid}
+        ):
+            raise ParleyError(NO_AUTHORITY)
+
+    return check
+
+
+def check_not_removing_self(caller: int, members: Sequence[MemberSpec]) -> None:
+    """S27: the master leaves by disbanding, never by removing themself."""
+    if caller in {m.uid for m in members}:
+        raise ParleyError(NO_AUTHORITY)
+
+
+def check_own_settings(caller: int, mid: int) -> None:
+    """S28: a client changes only its own member settings."""
+    if mid != caller:
+        raise ParleyError(SETTING_OTHER_FORBIDDEN)
+
+
+def check_patch(name: str | None, notice: str | None) -> None:
+    """S23: a patch names a name or a notice."""
+    if name is None and notice is None:
+        raise ParleyError(PATCH_NOTHING)
 
 
 class _IdTaken(Exception):
@@ -90,9 +329,11 @@ def _distinct(members: Sequence[MemberSpec]) -> list[MemberSpec]:
 
 
 class GroupsDomain:
-    def __init__(self, repo: GroupsRepository, bus: Bus | None) -> None:
+    def __init__(self, repo: GroupsRepository, bus: Bus | None, policy: GroupPolicy) -> None:
         self.repo = repo
         self.bus = bus
+        self.policy = policy
+        self.creations = CreationLimiter(policy.client_groups_per_minute)
 
     # ---- reads ----
 
@@ -102,8 +343,18 @@ class GroupsDomain:
             raise ParleyError(GROUP_NON_EXISTS)
         return group
 
-    async def find(self, appid: int, gid: int) -> Group | None:
+    async def find_group(self, appid: int, gid: int, revision: int | None = None) -> Group | None:
+        """The group as it is now, or as of ``revision`` (None: no such group in the app, or
+        that revision is not committed)."""
+        if revision is not None:
+            return await self.repo.get_at(appid, gid, revision)
         return await self.repo.get(appid, gid)
+
+    async def get_as_member(self, appid: int, gid: int, caller: int) -> Group:
+        """X3: the group, for one of its members."""
+        group = await self.get(appid, gid)
+        require_member(caller)(group)
+        return group
 
     async def list_for(self, appid: int, uid: int) -> list[Group]:
         return await self.repo.list_for(appid, uid)
@@ -133,18 +384,11 @@ class GroupsDomain:
             raise ParleyError("group busy, retry", status=503) from None
 
     async def create(
-        self,
-        appid: int,
-        master: int,
-        name: str,
-        is_super: bool,
-        members: Sequence[MemberSpec],
-        members_given: list[int | dict[str, Any]],
-        group_id: int | None = None,
-        rid: str = "",
+        self, appid: int, new: NewGroup, group_id: int | None = None, rid: str = ""
     ) -> int:
         """S3/S21. The master is a member only if listed (the client route lists the caller)."""
-        uids = sorted({m.uid for m in members})
+        master, name, is_super = new.master, new.name, new.is_super
+        uids = sorted({m.uid for m in new.members})
         now = int(time.time())
         for _ in range(5):
             gid = group_id if group_id else await self.repo.next_gid()
@@ -166,7 +410,7 @@ class GroupsDomain:
                 members=uids,
                 revision=1,
                 master=master,
-                members_given=members_given,
+                members_given=new.given,
             )
 
             def step(
@@ -322,23 +566,150 @@ class GroupsDomain:
 
         await self._change(appid, gid, compute, rid, check)
 
-    # ---- client-side authorization (spec §6) ----
+    # ---- the API's operations: the limits and spec §6's rules, then the change ----
 
-    @staticmethod
-    def require_member(uid: int) -> Check:
-        def check(group: Group) -> None:
-            if not group.is_member(uid):
-                raise ParleyError(NO_AUTHORITY)
+    async def do_create_group(
+        self, appid: int, new: NewGroup, group_id: int | None, rid: str = ""
+    ) -> int:
+        """S3: a caller-supplied ``group_id`` is honoured when > 0 and the policy says so."""
+        check_texts(self.policy, new.name)
+        check_members(self.policy, new.members)
+        check_group_size(self.policy, new.members, group=None, is_super=new.is_super)
+        external = group_id if self.policy.external_group_id and (group_id or 0) > 0 else None
+        return await self.create(appid, new, external, rid)
 
-        return check
+    async def do_client_create_group(
+        self, appid: int, caller: int, new: NewGroup, rid: str = ""
+    ) -> int:
+        """S21: the caller is the master and a member; at most
+        ``client_groups_per_minute`` creations per caller."""
+        self.check_client_create(caller, new.master, new.is_super)
+        check_texts(self.policy, new.name)
+        check_members(self.policy, new.members)
+        if caller not in {s.uid for s in new.members}:
+            # The creator is a member (spec S21).
+            new = replace(new, members=[*new.members, MemberSpec(caller)])
+        check_group_size(self.policy, new.members, group=None, is_super=new.is_super)
+        if not self.creations.take(appid, caller):
+            raise ParleyError(TOO_MANY_GROUPS)
+        return await self.create(appid, new, None, rid)
 
-    @staticmethod
-    def require_master(uid: int) -> Check:
-        def check(group: Group) -> None:
-            if group.master != uid:
-                raise ParleyError(NO_AUTHORITY)
+    def check_client_create(self, caller: int, master: int, is_super: bool) -> None:
+        """S21's rules on the request itself (checked before its members are parsed)."""
+        check_client_create(self.policy, caller, master, is_super)
 
-        return check
+    async def do_update_group(
+        self, appid: int, gid: int, name: str | None, notice: str | None, rid: str = ""
+    ) -> None:
+        """S4: a new name, else a new notice (an extension, spec S4 MAY)."""
+        check_texts(self.policy, name, notice)
+        if name is not None:
+            await self.rename(appid, gid, name, rid)
+        elif notice is not None:
+            await self.set_notice(appid, gid, notice, rid)
+        else:
+            raise InvalidParam()
+
+    async def do_client_update_group(
+        self, appid: int, caller: int, gid: int, name: str | None, notice: str | None, rid: str = ""
+    ) -> None:
+        """S23: a member renames; the notice follows ``notice_rule``; name wins over notice."""
+        check_patch(name, notice)
+        check_texts(self.policy, name, notice)
+        if name is not None:
+            await self.rename(appid, gid, name, rid, check=require_member(caller))
+        else:
+            await self.set_notice(
+                appid, gid, notice or "", rid, check=notice_rule(self.policy, caller)
+            )
+
+    async def do_client_disband(self, appid: int, caller: int, gid: int, rid: str = "") -> None:
+        """S24: the master disbands."""
+        await self.disband(appid, gid, rid, check=require_master(caller))
+
+    async def do_add_members(
+        self,
+        appid: int,
+        gid: int,
+        members: Sequence[MemberSpec],
+        inviter: Inviter | None,
+        rid: str = "",
+    ) -> bool:
+        """S6; False (and nothing looked up) when no member is listed."""
+        check_inviter(self.policy, inviter)
+        check_members(self.policy, members)
+        if not members:
+            return False
+        invited = inviter.as_dict() if inviter is not None else None
+        await self.add_members(
+            appid, gid, members, invited, rid, check=size_rule(self.policy, members)
+        )
+        return True
+
+    async def do_client_add_members(
+        self,
+        appid: int,
+        caller: int,
+        gid: int,
+        members: Sequence[MemberSpec],
+        given_inviter: Inviter | None = None,
+        rid: str = "",
+    ) -> bool:
+        """S25: a member invites; the inviter is the caller, with their stored name (an
+        inviter in the body is checked like S6's, then not taken). False (and nothing looked
+        up) when no member is listed."""
+        check_inviter(self.policy, given_inviter)
+        check_members(self.policy, members)
+        if not members:
+            return False
+        member = require_member(caller)
+        member(await self.get(appid, gid))  # refused before the inviter's name is read
+        names = await self.user_names(appid, [caller])
+        inviter = {"uid": caller, "name": names.get(caller, "")}
+        await self.add_members(
+            appid, gid, members, inviter, rid, check=size_rule(self.policy, members, member)
+        )
+        return True
+
+    async def do_remove_members(
+        self, appid: int, gid: int, members: Sequence[MemberSpec], rid: str = ""
+    ) -> None:
+        """S7/S8."""
+        check_members(self.policy, members)
+        await self.remove_members(appid, gid, members, rid)
+
+    async def do_client_remove_member(
+        self, appid: int, caller: int, gid: int, mid: int, rid: str = ""
+    ) -> None:
+        """S26: leave, or (the master) remove one member."""
+        check = removal_rule(self.policy, caller, mid)
+        await self.remove_members(appid, gid, [MemberSpec(mid)], rid, check=check)
+
+    async def check_master_of(self, appid: int, gid: int, caller: int) -> None:
+        """S27's first rule, checked before the request's body is read."""
+        require_master(caller)(await self.get(appid, gid))
+
+    async def do_client_remove_members(
+        self, appid: int, caller: int, gid: int, members: Sequence[MemberSpec], rid: str = ""
+    ) -> None:
+        """S27: the master removes members, never themself."""
+        check_members(self.policy, members)
+        check_not_removing_self(caller, members)
+        await self.remove_members(appid, gid, members, rid, check=require_master(caller))
+
+    async def do_member_settings(
+        self, appid: int, gid: int, mid: int, change: MemberSettings, rid: str = ""
+    ) -> None:
+        """S10."""
+        check_member_settings(self.policy, change)
+        await self.member_settings(appid, gid, mid, change, rid)
+
+    async def do_client_member_settings(
+        self, appid: int, caller: int, gid: int, change: MemberSettings, rid: str = ""
+    ) -> None:
+        """S28: a member's own settings (``check_own_settings`` runs before the body is read)."""
+        check_member_settings(self.policy, change)
+        await self.member_settings(appid, gid, caller, change, rid, check=require_member(caller))
 
     # ---- the user-name view (auth events) ----
 
@@ -363,9 +734,9 @@ class LocalGroupDirectory(GroupDirectory):
         self, appid: int, gid: int, revision: int | None = None
     ) -> GroupSnapshot | None:
         if revision is not None:
-            at = await self._domain.repo.get_at(appid, gid, revision)
+            at = await self._domain.find_group(appid, gid, revision)
             return snapshot(at) if at is not None else None
-        group = await self._domain.find(appid, gid)
+        group = await self._domain.find_group(appid, gid)
         if group is None:
             self._snapshots.pop((appid, gid), None)
             return None

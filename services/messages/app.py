@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import functools
 from collections.abc import AsyncIterator
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import structlog
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict
 
 from shared.auth import client_auth, server_auth, server_or_client_auth
-from shared.errors import DISABLED_APPID, INVALID_UID, InvalidParam, ParleyError
+from shared.errors import InvalidParam
 from shared.http import (
-    check_count,
     data,
     empty_ok,
     parse_model,
@@ -39,7 +38,6 @@ from shared.settings import Settings
 from shared.web import (
     BUS,
     DB,
-    SETTINGS,
     Deps,
     bus_ctx,
     cors_preflight,
@@ -49,7 +47,7 @@ from shared.web import (
 )
 
 from .domain import CMD_CUSTOMER, MessagesDomain
-from .repository import INDEXES, Entry, MessagesRepository, user_inbox
+from .repository import INDEXES, Entry, MessagesRepository
 
 log = structlog.get_logger("parley.messages")
 
@@ -101,24 +99,10 @@ class GroupNotificationRequest(BaseModel):
     content: Text
 
 
-M = TypeVar(
-    "M", PeerRequest, SystemRequest, NotificationRequest, GroupNotificationRequest, RoomRequest
-)
-
-
-async def read_content_model(request: web.Request, model: type[M]) -> M:
-    """The body of S11-S16: its ``content`` at most ``PARLEY_MAX_CONTENT_BYTES`` in UTF-8."""
-    body = await read_model(request, model)
-    if len(body.content.encode()) > request.app[SETTINGS].max_content_bytes:
-        raise InvalidParam()
-    return body
-
-
 async def injection_auth(request: web.Request) -> int:
     """Scheme A, then the disabled-app check, both before the body is read (spec S11-S16)."""
     appid = await server_auth(request)
-    if appid in request.app[SETTINGS].disabled_app_ids:
-        raise ParleyError(DISABLED_APPID)
+    domain(request).check_app_enabled(appid)
     return appid
 
 
@@ -127,7 +111,7 @@ async def injection_auth(request: web.Request) -> int:
 
 async def post_peer(request: web.Request) -> web.Response:
     appid = await injection_auth(request)
-    body = await read_content_model(request, PeerRequest)
+    body = await read_model(request, PeerRequest)
     await domain(request).post_peer(
         appid, body.sender, body.receiver, body.content, request_id_of(request)
     )
@@ -136,7 +120,7 @@ async def post_peer(request: web.Request) -> web.Response:
 
 async def post_group(request: web.Request) -> web.Response:
     appid = await injection_auth(request)
-    body = await read_content_model(request, PeerRequest)
+    body = await read_model(request, PeerRequest)
     await domain(request).post_group(
         appid, body.sender, body.receiver, body.content, request_id_of(request)
     )
@@ -145,20 +129,16 @@ async def post_group(request: web.Request) -> web.Response:
 
 async def post_system(request: web.Request) -> web.Response:
     appid = await injection_auth(request)
-    body = await read_content_model(request, SystemRequest)
-    receivers = list(body.receivers or [])
-    check_count(receivers, request.app[SETTINGS].max_members_per_request)
-    if body.receiver is not None:
-        receivers.insert(0, body.receiver)
-    if not receivers:
-        raise InvalidParam()
-    await domain(request).post_system(appid, receivers, body.content, request_id_of(request))
+    body = await read_model(request, SystemRequest)
+    await domain(request).post_system(
+        appid, body.receiver, body.receivers or [], body.content, request_id_of(request)
+    )
     return empty_ok()
 
 
 async def post_notification(request: web.Request) -> web.Response:
     appid = await injection_auth(request)
-    body = await read_content_model(request, NotificationRequest)
+    body = await read_model(request, NotificationRequest)
     await domain(request).post_notification(
         appid, body.receiver, body.content, request_id_of(request)
     )
@@ -167,7 +147,7 @@ async def post_notification(request: web.Request) -> web.Response:
 
 async def post_group_notification(request: web.Request) -> web.Response:
     appid = await injection_auth(request)
-    body = await read_content_model(request, GroupNotificationRequest)
+    body = await read_model(request, GroupNotificationRequest)
     await domain(request).post_group_notification(
         appid, body.group_id, body.content, request_id_of(request)
     )
@@ -176,7 +156,7 @@ async def post_group_notification(request: web.Request) -> web.Response:
 
 async def post_room(request: web.Request) -> web.Response:
     appid = await injection_auth(request)
-    body = await read_content_model(request, RoomRequest)
+    body = await read_model(request, RoomRequest)
     await domain(request).post_room(
         appid, body.sender, body.receiver, body.content, request_id_of(request)
     )
@@ -189,19 +169,10 @@ async def post_room(request: web.Request) -> web.Response:
 async def offline_count(request: web.Request) -> web.Response:
     appid, owner = await server_or_client_auth(request)
     uid = query_id(request, "uid")
+    customer_id = request.query.get("customer_id", "")
     if owner is not None:
-        uid = owner.uid  # a client reads only its own count
-    elif not uid:
-        customer_id = request.query.get("customer_id", "")
-        if customer_id:
-            uid = await request.app[CUSTOMERS].client_id(appid, customer_id)
-    if not uid:
-        raise ParleyError(INVALID_UID)
-    try:
-        count = await domain(request).offline_count(appid, uid)
-    except Exception:  # a badge hint: a failed read answers "nothing new" (spec S19)
-        log.exception("offline count failed")
-        count = 0
+        uid, customer_id = owner.uid, ""  # a client reads only its own count
+    count = await domain(request).offline_count(appid, uid, customer_id)
     return data({"count": count, "new": 1 if count > 0 else 0})
 
 
@@ -223,20 +194,7 @@ def render_entry(entry: Entry) -> dict[str, Any]:
 async def history(request: web.Request) -> web.Response:
     owner = await client_auth(request)
     store = query_id(request, "store")
-    entries = await domain(request).history(owner.appid, owner.uid)
-    if store:
-        # Only customer-service messages with an agent of that store (spec S20).
-        sellers = set(await request.app[CUSTOMERS].store_sellers(owner.appid, store))
-        kefu = request.app[SETTINGS].kefu_appid
-        entries = [
-            e
-            for e in entries
-            if e.cmd == CMD_CUSTOMER
-            and (
-                (e.receiver_appid == kefu and e.receiver in sellers)
-                or (e.sender_appid == kefu and e.sender in sellers)
-            )
-        ]
+    entries = await domain(request).history(owner.appid, owner.uid, store)
     return data([render_entry(e) for e in entries])
 
 
@@ -270,19 +228,21 @@ async def internal_inbox(request: web.Request) -> web.Response:
     """``GET /internal/inbox?appid&uid|gid&after&limit``: entries after a sync key, oldest
     first, never past a gap (what a delivery server answers SYNC with)."""
     appid = query_id(request, "appid")
-    uid, gid = query_id(request, "uid"), query_id(request, "gid")
-    if appid is None or (uid is None) == (gid is None):
+    if appid is None:
         raise InvalidParam()
-    after = query_id(request, "after") or 0
-    limit = min(query_id(request, "limit") or 1000, 3000)
-    owner = user_inbox(uid) if uid is not None else f"g:{gid}"
-    entries = await domain(request).repo.page(appid, owner, after, limit)
+    entries = await domain(request).inbox_page(
+        appid,
+        query_id(request, "uid"),
+        query_id(request, "gid"),
+        query_id(request, "after") or 0,
+        query_id(request, "limit"),
+    )
     return data([render_entry(e) for e in entries])
 
 
 async def internal_sync_key(request: web.Request) -> web.Response:
     body = parse_model(SyncKeyRequest, await read_json(request))
-    await domain(request).repo.set_sync_key(body.appid, user_inbox(body.uid), body.key)
+    await domain(request).set_sync_key(body.appid, body.uid, body.key)
     return empty_ok()
 
 
@@ -392,7 +352,9 @@ def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
         repo = MessagesRepository(app[DB])
         try:
             await repo.migrate()
-            app[MESSAGES] = MessagesDomain(repo, app[BUS], settings, app[GROUP_DIRECTORY])
+            app[MESSAGES] = MessagesDomain(
+                repo, app[BUS], settings, app[GROUP_DIRECTORY], app[CUSTOMERS]
+            )
             posts = app[DB]["messages_posts"]
 
             async def pending_messages() -> None:
@@ -425,7 +387,7 @@ def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
             # Posts left pending (a crash between accepting and announcing) are finished.
             periodic_ctx(
                 "messages-recovery",
-                lambda app: functools.partial(app[MESSAGES].recover, app[SETTINGS].outbox_grace),
+                lambda app: functools.partial(app[MESSAGES].recover, settings.outbox_grace),
                 lambda settings: settings.outbox_relay_interval,
             ),
         ]

@@ -16,12 +16,13 @@ import time
 import uuid
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
+from pymongo.errors import PyMongoError
 
 from shared.bus import Bus
-from shared.errors import GROUP_NON_EXISTS, ParleyError
+from shared.errors import DISABLED_APPID, GROUP_NON_EXISTS, INVALID_UID, InvalidParam, ParleyError
 from shared.events import (
     AddedMember,
     Event,
@@ -47,10 +48,10 @@ from shared.events import (
     utcnow,
 )
 from shared.events import CustomerMessage as CustomerMessageEvent
-from shared.internal import GroupDirectory
+from shared.internal import CustomerDirectory, GroupDirectory
 from shared.jsonio import dumps
+from shared.limits import check_count
 from shared.mongo import Document
-from shared.settings import Settings
 
 from .repository import Entry, MessagesRepository, Post, group_queue, keys_of, user_inbox
 
@@ -69,6 +70,55 @@ HISTORY_LIMIT = 1024
 BATCH_POSTS = 500
 BATCH_RECIPIENTS = 200_000
 GROUP_NO_MEMBER = "group no member"
+# A delivery server's inbox page: this many entries unless it asks for fewer (at most MAX).
+PAGE_DEFAULT = 1000
+PAGE_MAX = 3000
+
+
+class MessagePolicy(Protocol):
+    """The settings the messages domain decides with, each the ``PARLEY_*`` of its name
+    (``Settings`` is one)."""
+
+    @property
+    def max_content_bytes(self) -> int: ...
+    @property
+    def max_members_per_request(self) -> int: ...
+    @property
+    def disabled_app_ids(self) -> frozenset[int]: ...
+    @property
+    def kefu_appid(self) -> int: ...
+
+
+def check_content(policy: MessagePolicy, content: str) -> None:
+    """A message's content is at most ``max_content_bytes`` in UTF-8 (spec S11-S16)."""
+    if len(content.encode()) > policy.max_content_bytes:
+        raise InvalidParam()
+
+
+def system_receivers(
+    policy: MessagePolicy, receiver: int | None, receivers: Sequence[int]
+) -> list[int]:
+    """S13: ``receiver``, then ``receivers`` (at most ``max_members_per_request``); none at
+    all is 400 ``invalid param``."""
+    check_count(receivers, policy.max_members_per_request)
+    listed = ([receiver] if receiver is not None else []) + list(receivers)
+    if not listed:
+        raise InvalidParam()
+    return listed
+
+
+def store_messages(entries: list[Entry], kefu_appid: int, sellers: set[int]) -> list[Entry]:
+    """S20 ``?store=``: only customer-service messages (cmd 64) with an agent of the store, an
+    agent being a user of the customer-service app ``kefu_appid``."""
+    return [
+        e
+        for e in entries
+        if e.cmd == CMD_CUSTOMER
+        and (
+            (e.receiver_appid == kefu_appid and e.receiver in sellers)
+            or (e.sender_appid == kefu_appid and e.sender in sellers)
+        )
+    ]
 
 
 def new_msg_id() -> str:
@@ -80,13 +130,15 @@ class MessagesDomain:
         self,
         repo: MessagesRepository,
         bus: Bus | None,
-        settings: Settings,
+        policy: MessagePolicy,
         groups: GroupDirectory,
+        customers: CustomerDirectory | None = None,
     ) -> None:
         self.repo = repo
         self.bus = bus
-        self.settings = settings
+        self.policy = policy
         self.groups = groups
+        self.customers = customers
         self._in_flight: dict[str, int] = {}  # posts being stored and announced here
 
     # ---- the message lifecycle ----
@@ -296,9 +348,15 @@ class MessagesDomain:
             **fields,
         )
 
+    def check_app_enabled(self, appid: int) -> None:
+        """Apps in ``disabled_app_ids`` may not inject messages (spec §1.5)."""
+        if appid in self.policy.disabled_app_ids:
+            raise ParleyError(DISABLED_APPID)
+
     async def post_peer(
         self, appid: int, sender: int, receiver: int, content: str, rid: str = ""
     ) -> Post:
+        check_content(self.policy, content)
         return await self.post(
             self._new(appid, "peer", content, sender=sender, receiver=receiver), rid
         )
@@ -306,6 +364,7 @@ class MessagesDomain:
     async def post_group(
         self, appid: int, sender: int, gid: int, content: str, rid: str = ""
     ) -> Post:
+        check_content(self.policy, content)
         group = await self.groups.get_group(appid, gid)
         if group is None:
             raise ParleyError(GROUP_NON_EXISTS)
@@ -323,8 +382,16 @@ class MessagesDomain:
         )
 
     async def post_system(
-        self, appid: int, receivers: Sequence[int], content: str, rid: str = ""
+        self,
+        appid: int,
+        receiver: int | None,
+        receivers: Sequence[int],
+        content: str,
+        rid: str = "",
     ) -> Post:
+        """S13: to ``receiver`` and ``receivers`` (the current IM core's form), each once."""
+        check_content(self.policy, content)
+        receivers = system_receivers(self.policy, receiver, receivers)
         return await self.post(
             self._new(appid, "system", content, receivers=list(dict.fromkeys(receivers))), rid
         )
@@ -332,17 +399,20 @@ class MessagesDomain:
     async def post_notification(
         self, appid: int, receiver: int, content: str, rid: str = ""
     ) -> Post:
+        check_content(self.policy, content)
         return await self.post(self._new(appid, "notification", content, receiver=receiver), rid)
 
     async def post_room(
         self, appid: int, sender: int, room: int, content: str, rid: str = ""
     ) -> Post:
+        check_content(self.policy, content)
         return await self.post(self._new(appid, "room", content, sender=sender, room=room), rid)
 
     async def post_group_notification(
         self, appid: int, gid: int, content: str, rid: str = ""
     ) -> Post:
         """S15: a custom notification to the group's current members."""
+        check_content(self.policy, content)
         group = await self.groups.get_group(appid, gid)
         if group is None:
             raise ParleyError(GROUP_NON_EXISTS)
@@ -456,11 +526,49 @@ class MessagesDomain:
 
     # ---- reads ----
 
-    async def offline_count(self, appid: int, uid: int) -> int:
-        return await self.repo.count_after_sync_key(appid, user_inbox(uid))
+    async def offline_count(self, appid: int, uid: int | None, customer_id: str = "") -> int:
+        """S19: the entries in ``uid``'s inbox after its sync key; without a uid, the visitor
+        ``customer_id``'s (400 ``invalid uid`` when neither names one). The count is a badge
+        hint: when the store cannot be read it is 0 ("nothing new")."""
+        if not uid and customer_id:
+            uid = await self._customers().client_id(appid, customer_id)
+        if not uid:
+            raise ParleyError(INVALID_UID)
+        try:
+            return await self.repo.count_after_sync_key(appid, user_inbox(uid))
+        except PyMongoError as exc:
+            log.warning("offline count failed; answering 0", uid=uid, error=repr(exc))
+            return 0
 
-    async def history(self, appid: int, uid: int) -> list[Entry]:
-        return await self.repo.latest(appid, user_inbox(uid), HISTORY_CMDS, HISTORY_LIMIT)
+    async def history(self, appid: int, uid: int, store: int | None = None) -> list[Entry]:
+        """S20: the latest messages of the user's inbox, oldest first; with ``store``, only
+        the customer-service messages with that store's agents."""
+        entries = await self.repo.latest(appid, user_inbox(uid), HISTORY_CMDS, HISTORY_LIMIT)
+        if not store:
+            return entries
+        sellers = set(await self._customers().store_sellers(appid, store))
+        return store_messages(entries, self.policy.kefu_appid, sellers)
+
+    def _customers(self) -> CustomerDirectory:
+        if self.customers is None:
+            raise RuntimeError("customer lookups need the customer service")
+        return self.customers
+
+    # ---- delivery servers (internal API) ----
+
+    async def inbox_page(
+        self, appid: int, uid: int | None, gid: int | None, after: int, limit: int | None
+    ) -> list[Entry]:
+        """A user's inbox (or a super group's queue) after the key ``after``, oldest first,
+        never past a gap; at most ``limit`` entries (default PAGE_DEFAULT, at most PAGE_MAX)."""
+        if (uid is None) == (gid is None):
+            raise InvalidParam()
+        owner = user_inbox(uid) if uid is not None else group_queue(gid or 0)
+        return await self.repo.page(appid, owner, after, min(limit or PAGE_DEFAULT, PAGE_MAX))
+
+    async def set_sync_key(self, appid: int, uid: int, key: int) -> None:
+        """The key up to which a user has synced (monotonic)."""
+        await self.repo.set_sync_key(appid, user_inbox(uid), key)
 
 
 def notification_for(event: GroupEvent) -> tuple[dict[str, Any], list[int], bool] | None:
