@@ -23,15 +23,12 @@ from parley.benchcost import CostMeter
 from parley.deploy import render_compose_nginx, render_k8s
 from parley.embedded import EmbeddedStore
 from parley.servers import ServerError, private_dir, start_ferretdb
-from services.auth.domain import AuthDomain
-from services.auth.repository import INDEXES as AUTH_INDEXES
-from services.auth.repository import AuthRepository
-from services.customer.domain import CustomerDomain
-from services.customer.repository import INDEXES as CUSTOMER_INDEXES
+from services.auth.admin import AuthAdmin
+from services.customer.admin import CustomerAdmin
 from shared.errors import ParleyError, store_unavailable
 from shared.gateway import render_ingress, render_nginx
 from shared.logs import configure_logging
-from shared.mongo import ensure_indexes, make_client
+from shared.mongo import make_client
 from shared.routing import ROUTES, SERVICES
 from shared.server import Listening, run_app
 from shared.settings import (
@@ -148,11 +145,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 async def _print_welcome(settings: Settings) -> None:
     client = make_client(settings.mongo_url)
     try:
-        db = client[settings.mongo_db]
-        await ensure_indexes(db, AUTH_INDEXES)
-        repo = AuthRepository(db)
-        await repo.migrate()
-        auth = AuthDomain(repo, None, settings)
+        auth = AuthAdmin(client[settings.mongo_db], settings)
+        await auth.prepare()
         apps = await auth.list_apps()
         created = not apps
         if created:
@@ -455,11 +449,8 @@ def md5_credential(appid: int, secret: str) -> str:
 async def _with_auth(settings: Settings, action: str, name: str | None) -> Any:
     client = make_client(settings.mongo_url, timeout=MANAGEMENT_TIMEOUT)
     try:
-        db = client[settings.mongo_db]
-        await ensure_indexes(db, AUTH_INDEXES)
-        repo = AuthRepository(db)
-        await repo.migrate()
-        auth = AuthDomain(repo, None, settings)
+        auth = AuthAdmin(client[settings.mongo_db], settings)
+        await auth.prepare()
         if action == "create":
             return await auth.create_app(name or "")
         return await auth.list_apps()
@@ -500,14 +491,12 @@ async def _store_action(settings: Settings, args: argparse.Namespace) -> dict[st
     client = make_client(settings.mongo_url, timeout=MANAGEMENT_TIMEOUT)
     try:
         db = client[settings.mongo_db]
-        await ensure_indexes(db, CUSTOMER_INDEXES)
-        customer = CustomerDomain(db, None, settings, None)
-        await customer.repo.migrate()
+        customer = CustomerAdmin(db, settings)
+        await customer.prepare()
         if args.action == "create":
-            await ensure_indexes(db, AUTH_INDEXES)
-            auth = AuthRepository(db)
-            await auth.migrate()
-            if await auth.get_app(args.app) is None:
+            auth = AuthAdmin(db, settings)
+            await auth.prepare()
+            if not await auth.has_app(args.app):
                 raise ParleyError(f"no app {args.app}")
             return {"store_id": await customer.create_store(args.app, args.name)}
         appid = await customer.app_of_store(args.store)

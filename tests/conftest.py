@@ -47,13 +47,11 @@ from parley.servers import (
     start_postgres,
     start_rabbitmq,
 )
-from services.auth.domain import AppCredentials, AuthDomain
-from services.auth.repository import INDEXES as AUTH_INDEXES
-from services.auth.repository import AuthRepository
+from services.auth.admin import AppCredentials, AuthAdmin
 from shared.bus import Bus, LocalBus, RabbitBus, topic_matches
 from shared.events import Event
 from shared.logs import configure_logging
-from shared.mongo import Database, ensure_indexes, make_client
+from shared.mongo import Database, make_client
 from shared.routing import SERVICES
 from shared.server import ParleyRunner
 from shared.settings import Settings
@@ -236,9 +234,7 @@ class Stack:
         """A fresh app (its ``app.created`` event published now, or left to the outbox relay
         of the running services when ``announce`` is false, as ``parley app create`` does)."""
         bus = self.bus if announce else None
-        creds: AppCredentials = await AuthDomain(
-            AuthRepository(self.db), bus, self.settings
-        ).create_app(name)
+        creds: AppCredentials = await AuthAdmin(self.db, self.settings, bus).create_app(name)
         return App(creds.appid, creds.key, creds.secret)
 
     async def request(
@@ -312,10 +308,11 @@ class ParleyTestServer(TestServer):
         return ParleyRunner(self.app, **kwargs)
 
 
-async def _prepared_db(mongo_url: str, name: str) -> tuple[Any, Database]:
-    client = make_client(mongo_url, timeout=TEST_DEADLINE)
-    db = client[name]
-    await ensure_indexes(db, AUTH_INDEXES)
+async def _prepared_db(settings: Settings) -> tuple[Any, Database]:
+    """A client of the settings' store and its database, with the auth service's indexes."""
+    client = make_client(settings.mongo_url, timeout=TEST_DEADLINE)
+    db = client[settings.mongo_db]
+    await AuthAdmin(db, settings).ensure_indexes()
     return client, db
 
 
@@ -329,7 +326,7 @@ async def allinone_stack(mode: str, settings: Settings) -> AsyncIterator[Stack]:
         )
     )
     await bus.start()
-    client, db = await _prepared_db(settings.mongo_url, settings.mongo_db)
+    client, db = await _prepared_db(settings)
     app = create_allinone_app(settings, deps=Deps(db=db, bus=bus))
     server = ParleyTestServer(app, host="127.0.0.1", port=free_port())
     await server.start_server()
@@ -378,7 +375,7 @@ async def distributed_stack(
     try:
         bus = RabbitBus(settings.amqp_url or "", exchange=settings.amqp_exchange)
         await bus.start()
-        client, db = await _prepared_db(settings.mongo_url, settings.mongo_db)
+        client, db = await _prepared_db(settings)
         try:
             async with aiohttp.ClientSession() as http:
                 stack = Stack("distributed", cluster.edge_url, db, bus, settings, http)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from services.auth.repository import AuthRepository, User
+from services.auth.admin import AuthAdmin, User
 from shared.events import TokenGranted, UserSettingsChanged
 
 from .conftest import App, Stack, basic, md5_hex, one_mode
@@ -30,11 +30,11 @@ async def grant(stack: Stack, app: App, body: Any, **kw: Any) -> tuple[int, Any]
 
 
 async def user_doc(stack: Stack, appid: int, uid: int) -> User | None:
-    return await AuthRepository(stack.db).user(appid, uid)
+    return await AuthAdmin(stack.db, stack.settings).user(appid, uid)
 
 
 async def uids(stack: Stack, appid: int) -> list[int]:
-    return await AuthRepository(stack.db).uids(appid)
+    return await AuthAdmin(stack.db, stack.settings).uids(appid)
 
 
 # ---- S1: grant ----------------------------------------------------------------------------
@@ -64,7 +64,7 @@ async def test_grant_returns_a_permanent_token_and_publishes(stack: Stack) -> No
     doc = await user_doc(stack, app.appid, 13635273143)
     assert doc is not None
     assert doc.token == token and doc.name == ""  # a grant without user_name stores ""
-    assert await AuthRepository(stack.db).unannounced(app.appid, 13635273143) == []
+    assert await AuthAdmin(stack.db, stack.settings).unannounced(app.appid, 13635273143) == []
 
 
 async def test_grant_ignores_content_type_and_extra_fields(stack: Stack) -> None:

@@ -17,7 +17,7 @@ from pymongo import AsyncMongoClient, monitoring
 
 from parley.allinone import create_allinone_app
 from parley.servers import free_port
-from services.customer.domain import CustomerDomain
+from services.customer.admin import CustomerAdmin
 from shared.bus import LocalBus
 from shared.mongo import Document
 from shared.web import Deps
@@ -96,7 +96,7 @@ async def counted(mongo_url: str) -> AsyncIterator[tuple[Stack, Counter]]:
 async def test_commands_per_request(counted: tuple[Stack, Counter]) -> None:
     stack, counter = counted
     app = await stack.new_app()
-    customer = CustomerDomain(stack.db, None, stack.settings, None)
+    customer = CustomerAdmin(stack.db, stack.settings)
     store_id = await customer.create_store(app.appid, "desk")
     await customer.add_agent(app.appid, store_id, "ann")
     await stack.token(app, 1, "warm")  # the app's credentials are now known to the process

@@ -9,8 +9,8 @@ import base64
 from datetime import UTC, datetime
 from typing import Any
 
-from services.auth.repository import AuthRepository
-from services.customer.domain import CustomerDomain
+from services.auth.admin import AuthAdmin
+from services.customer.admin import CustomerAdmin
 from shared.bus import LocalBus
 from shared.events import AppCreated, TokenGranted
 from shared.mongo import Database, make_client
@@ -90,7 +90,7 @@ async def test_data_of_the_previous_shape_keeps_working(mongo_url: str) -> None:
                 "GET", "/messages", headers={"Authorization": f"Bearer {OLD_TOKEN}"}
             )
             assert status == 200
-            user = await AuthRepository(stack.db).user(1, 5)
+            user = await AuthAdmin(stack.db, stack.settings).user(1, 5)
             assert user is not None
             assert (user.name, user.mute, user.notification_on, user.dnd_peers) == (
                 "olduser",
@@ -131,7 +131,7 @@ async def test_data_of_the_previous_shape_keeps_working(mongo_url: str) -> None:
                 headers=app_key(1, "k" * 32),
             )
             assert status == 200 and body["data"]["client_id"] > base + 1
-            customer = CustomerDomain(stack.db, None, stack.settings, None)
+            customer = CustomerAdmin(stack.db, stack.settings)
             assert await customer.add_agent(1, 1, "bob") > 1
             new_app = await stack.new_app()
             assert new_app.appid > 2
@@ -141,8 +141,8 @@ async def test_data_of_the_previous_shape_keeps_working(mongo_url: str) -> None:
                     await asyncio.sleep(0.1)
             await subscription.cancel()
         # A second start finds the marker and reads nothing old; everything still works.
-        assert await AuthRepository(db).migrate() == {}
-        assert await CustomerDomain(db, None, settings, None).repo.migrate() == {}
+        assert await AuthAdmin(db, settings).migrate() == {}
+        assert await CustomerAdmin(db, settings).migrate() == {}
         async with allinone_stack("local", settings) as stack:
             status, body, _ = await stack.request(
                 "POST", "/auth/grant", json={"uid": 5, "user_name": "olduser"}, headers=server

@@ -14,7 +14,7 @@ import pytest
 import structlog
 from yarl import URL
 
-from services.auth.repository import AuthRepository
+from services.auth.admin import AuthAdmin
 from shared.logs import configure_logging
 
 from .conftest import App, Stack
@@ -308,7 +308,7 @@ async def test_auth_customer_keeps_a_visitors_name(own_stack: Stack) -> None:
     client_id = reply["data"]["client_id"]
 
     async def profile() -> tuple[str, str]:
-        user = await AuthRepository(stack.db).user(app.appid, client_id)
+        user = await AuthAdmin(stack.db, stack.settings).user(app.appid, client_id)
         assert user is not None
         return user.name, user.avatar
 

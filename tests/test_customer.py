@@ -11,10 +11,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from services.auth.repository import AuthRepository
-from services.customer.domain import CustomerDomain
-from services.messages.domain import MessagesDomain
-from services.messages.repository import MessagesRepository
+from services.auth.admin import AuthAdmin
+from services.customer.admin import CustomerAdmin
+from services.messages.admin import MessagesAdmin
 from shared.errors import ParleyError
 from shared.events import AgentAdded, AgentPresence, CustomerRegistered, StoreCreated
 
@@ -31,7 +30,7 @@ def app_key(app: App, key: str | None = None) -> dict[str, str]:
 
 async def desk(stack: Stack, app: App, agents: list[str]) -> tuple[int, list[int]]:
     """A store for the app with these agents (what `parley store ...` does)."""
-    customer = CustomerDomain(stack.db, None, stack.settings, None)
+    customer = CustomerAdmin(stack.db, stack.settings)
     store_id = await customer.create_store(app.appid, "desk")
     return store_id, [await customer.add_agent(app.appid, store_id, name) for name in agents]
 
@@ -62,11 +61,12 @@ async def test_stores_and_agents_are_announced(stack: Stack) -> None:
         "ann@example.com",
     )
     # Another app names the store in vain: nothing is added.
-    customer = CustomerDomain(stack.db, None, stack.settings, None)
+    customer = CustomerAdmin(stack.db, stack.settings)
     with pytest.raises(ParleyError, match=f"no store {store_id} of app {other.appid}"):
         await customer.add_agent(other.appid, store_id, "eve")
-    assert await customer.store_sellers(app.appid, store_id) == [ann]
-    assert await customer.store_sellers(other.appid, store_id) == []
+    store = await customer.store(app.appid, store_id)
+    assert store is not None and [a.seller_id for a in store.agents] == [ann]
+    assert await customer.store(other.appid, store_id) is None
 
 
 async def test_register_a_visitor(stack: Stack) -> None:
@@ -91,7 +91,7 @@ async def test_register_a_visitor(stack: Stack) -> None:
     # The same customer id: the same client id and token; name and avatar are replaced.
     status, again = await register(stack, app, {"appid": str(app.appid), "customer_id": "c-1"})
     assert again == reply
-    user = await AuthRepository(stack.db).user(app.appid, data["client_id"])
+    user = await AuthAdmin(stack.db, stack.settings).user(app.appid, data["client_id"])
     assert user is not None and (user.name, user.avatar, user.customer) == ("", "", True)
     # An integer customer id is its decimal string.
     _, seven = await register(stack, app, {"appid": app.appid, "customer_id": 7})
@@ -137,10 +137,7 @@ async def test_register_refusals(stack: Stack) -> None:
         "POST", "/customer/register", data=b"{", headers=app_key(app)
     )
     assert (status, reply) == (400, {"meta": {"code": 400, "message": "json decode error"}})
-    assert (
-        await CustomerDomain(stack.db, None, stack.settings, None).repo.visitor_count(app.appid)
-        == 0
-    )
+    assert await CustomerAdmin(stack.db, stack.settings).visitor_count(app.appid) == 0
 
 
 async def test_auth_customer_without_and_with_credentials(stack: Stack) -> None:
@@ -221,10 +218,10 @@ async def test_choosing_an_agent(stack: Stack) -> None:
         await stack.bus.publish_event(
             AgentPresence(appid=app.appid, seller_id=seller, status=state)
         )
-    desk_repo = CustomerDomain(stack.db, None, stack.settings, None).repo
+    customer = CustomerAdmin(stack.db, stack.settings)
     async with asyncio.timeout(10):
         while True:
-            store = await desk_repo.store(app.appid, store_id)
+            store = await customer.store(app.appid, store_id)
             assert store is not None
             if {a.seller_id for a in store.agents if a.status == "online"} >= {bob, cid}:
                 break
@@ -293,7 +290,7 @@ async def test_history_of_a_store(local_stack: Stack) -> None:
     other_store, (zed,) = await desk(stack, await stack.new_app("other"), ["zed"])
     _, reply = await register(stack, host, {"appid": host.appid, "customer_id": "v"})
     visitor, token = reply["data"]["client_id"], reply["data"]["token"]
-    messages = MessagesDomain(MessagesRepository(stack.db), stack.bus, stack.settings, groups=None)  # type: ignore[arg-type]
+    messages = MessagesAdmin(stack.db, stack.settings, stack.bus)
     await messages.post_customer(host.appid, visitor, kefu.appid, ann, "hello ann")
     await messages.post_customer(kefu.appid, ann, host.appid, visitor, "hi, ann here")
     await messages.post_customer(host.appid, visitor, kefu.appid, zed, "to zed")

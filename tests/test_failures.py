@@ -25,7 +25,7 @@ import aiohttp
 import pytest
 
 from parley.servers import Process, free_port, restart_rabbitmq, start_rabbitmq
-from services.auth.repository import AuthRepository
+from services.auth.admin import AuthAdmin
 from shared.bus import RabbitBus
 from shared.events import Event, PeerMessage, TokenGranted
 
@@ -109,8 +109,8 @@ async def all_announced(
     """Every acknowledged write is stored, and its event arrives (in time)."""
     inbox = {e["content"] for e in await stack.inbox(app.appid, "u:2")}
     assert set(acked) <= inbox, "an acknowledged message was lost"
-    repo = AuthRepository(stack.db)
-    users = await asyncio.gather(*(repo.user(app.appid, uid) for uid in granted))
+    auth = AuthAdmin(stack.db, stack.settings)
+    users = await asyncio.gather(*(auth.user(app.appid, uid) for uid in granted))
     assert all(u is not None and u.token for u in users), "an acknowledged grant was lost"
     deadline = time.monotonic() + SETTLE
     while True:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from services.groups.repository import GroupsRepository
+from services.groups.admin import GroupsAdmin
 from shared.events import Event, GroupCreated, GroupMembersAdded
 
 from .conftest import App, Stack, allinone_stack, stack_settings
@@ -85,7 +85,7 @@ async def test_concurrent_adds_keep_every_member(any_stack: Stack) -> None:
         assert [a for a in answers if a[0] != 200] == []
         await events.wait_for(ADDS, timeout=120)
         added = distinct(await events.published())
-    group = await GroupsRepository(stack.db).get(app.appid, gid)
+    group = await GroupsAdmin(stack.db).group(app.appid, gid)
     assert group is not None and group.uids == [1, *newcomers]
     assert (
         sorted(a.member_id for e in added if isinstance(e, GroupMembersAdded) for a in e.added)
@@ -136,7 +136,7 @@ async def test_concurrent_changes_keep_the_last_acknowledged_values(any_stack: S
         expected = 4 * 5 * 2 + len(members) * 5 * 2
         await events.wait_for(expected, timeout=30)
         assert len(distinct(await events.published())) == expected
-    group = await GroupsRepository(stack.db).get(app.appid, gid)
+    group = await GroupsAdmin(stack.db).group(app.appid, gid)
     assert group is not None
     # Each renamer changes sequentially, so the final value is one of their last ones: no
     # field went back to a value an acknowledged later change had replaced.

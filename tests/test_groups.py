@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from services.groups.repository import GroupsRepository
+from services.groups.admin import GroupsAdmin
 from shared.events import (
     GroupCreated,
     GroupDisbanded,
@@ -41,7 +41,7 @@ async def create(stack: Stack, app: App, body: dict[str, Any]) -> int:
 
 async def group_doc(stack: Stack, appid: int, gid: int) -> dict[str, Any] | None:
     """The live group as stored (read by a repository of its own, so nothing is cached)."""
-    group = await GroupsRepository(stack.db).get(appid, gid)
+    group = await GroupsAdmin(stack.db).group(appid, gid)
     if group is None:
         return None
     return {

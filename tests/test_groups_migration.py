@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from services.groups.repository import GroupsRepository
+from services.groups.admin import GroupsAdmin
 from shared.mongo import make_client
 
 from .conftest import allinone_stack, stack_settings, unique
@@ -57,10 +57,10 @@ async def test_groups_of_the_previous_shape_keep_working(mongo_url: str) -> None
 
         for _ in range(2):  # a second start finds nothing to do
             async with allinone_stack("local", settings) as stack:
-                group = await GroupsRepository(stack.db).get(app.appid, 5)
+                group = await GroupsAdmin(stack.db).group(app.appid, 5)
                 assert group is not None and group.uids == [1, 2] and group.notice == "kept"
                 assert group.members[2].nickname == "nick" and group.members[2].mute
-                assert await GroupsRepository(stack.db).get(app.appid, 7) is None
+                assert await GroupsAdmin(stack.db).group(app.appid, 7) is None
                 bob = await stack.client(app, 2)
                 status, reply, _ = await stack.request("GET", "/client/groups", headers=bob)
                 assert status == 200
@@ -70,7 +70,7 @@ async def test_groups_of_the_previous_shape_keep_working(mongo_url: str) -> None
                 "POST", "/groups/5/members", json=[3], headers=app.server_auth
             )
             assert status == 200, reply
-            group = await GroupsRepository(stack.db).get(app.appid, 5)
+            group = await GroupsAdmin(stack.db).group(app.appid, 5)
             assert group is not None and group.uids == [1, 2, 3]
             status, reply, _ = await stack.request(
                 "POST",

@@ -103,7 +103,7 @@ async def test_the_all_in_one_app_works_whatever_the_registration_order(mongo_ur
         random.shuffle(shuffled)
     settings = stack_settings(mongo_url, None)
     bus = LocalBus()
-    client, db = await _prepared_db(settings.mongo_url, settings.mongo_db)
+    client, db = await _prepared_db(settings)
     deps = Deps(db=db, bus=bus)
     app = create_allinone_app(
         settings, factories={name: SERVICE_FACTORIES[name] for name in shuffled}, deps=deps

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from services.groups.repository import GroupsRepository
+from services.groups.admin import GroupsAdmin
 from shared.settings import Settings
 
 from .conftest import App, Stack
@@ -48,7 +48,7 @@ async def group(stack: Stack, gid: int) -> dict[str, Any]:
     versioned = None
     async for doc in stack.db["groups_log_revs"].find({"_id": {"$regex": f":{gid}:1$"}}):
         appid = int(str(doc["_id"]).split(":")[0])
-        versioned = await GroupsRepository(stack.db).log.read(f"{appid}:{gid}")
+        versioned = await GroupsAdmin(stack.db).stored(appid, gid)
     assert versioned is not None and versioned.state is not None
     return {**versioned.state, "revision": versioned.rev, "members": versioned.state["m"]}
 

@@ -15,9 +15,8 @@ from typing import Any
 import pytest
 import structlog
 
-from services.auth.domain import AuthDomain
-from services.auth.repository import AuthRepository
-from services.messages.repository import (
+from services.auth.admin import AuthAdmin
+from services.messages.admin import (
     COUNTERS,
     ENTRIES,
     PENDING,
@@ -25,7 +24,7 @@ from services.messages.repository import (
     PROBE_COLD,
     SCHEMA_ID,
     SYNC_KEYS,
-    MessagesRepository,
+    MessagesAdmin,
 )
 from shared.events import utcnow
 from shared.storecount import BACKGROUND, STORE_COMMANDS, StoreCommand
@@ -92,7 +91,7 @@ async def test_store_commands_per_request(own_stack: Stack) -> None:
     # The process that stored them holds the newest chunks: the last key is all it reads.
     assert large_cost <= 1, large_cost
     # A process that holds none of it (another replica, a restart): a few more.
-    cold = MessagesRepository(stack.db)
+    cold = MessagesAdmin(stack.db, stack.settings)
     rid = f"cold-{uuid.uuid4().hex}"
     with structlog.contextvars.bound_contextvars(request_id=rid):
         entries = await cold.latest(app.appid, "u:1", (4, 8, 64), 1024)
@@ -193,9 +192,9 @@ async def test_data_written_by_the_previous_version(mongo_url: str) -> None:
     both the key hint and the acknowledged sync key. It migrates them once at startup,
     finishes the pending post without storing anything twice, and counts from the old key."""
     settings = stack_settings(mongo_url, None)
-    client, db = await _prepared_db(mongo_url, settings.mongo_db)
+    client, db = await _prepared_db(settings)
     try:
-        creds = await AuthDomain(AuthRepository(db), None, settings).create_app("old")
+        creds = await AuthAdmin(db, settings).create_app("old")
         appid = creds.appid
         app = App(appid, creds.key, creds.secret)
         an_hour_ago = utcnow() - timedelta(hours=1)
@@ -266,7 +265,7 @@ async def test_data_written_by_the_previous_version(mongo_url: str) -> None:
             (4, "stuck"),
             (5, "new"),
         ]
-        await MessagesRepository(db).set_sync_key(appid, "u:1", 5)  # a delivery server's ack
+        await MessagesAdmin(db, settings).set_sync_key(appid, "u:1", 5)  # a delivery server's ack
         status, reply, _ = await stack.request(
             "GET", "/messages/offline?uid=1", headers=app.server_auth
         )
@@ -276,7 +275,7 @@ async def test_data_written_by_the_previous_version(mongo_url: str) -> None:
         async with asyncio.timeout(15):
             while await db[PENDING].count_documents({}):
                 await asyncio.sleep(0.1)
-        await MessagesRepository(db).migrate()
+        await MessagesAdmin(db, settings).migrate()
         assert await db[PENDING].count_documents({}) == 0
         old_done = await db[POSTS].find_one({"_id": "old1"})
         assert old_done is not None and old_done["keys"] == {"u:1": 1}
@@ -290,7 +289,7 @@ async def test_batches_and_single_appends_from_two_replicas_keep_keys_dense(
     dense from 1, the batch in its order; a replay of the batch stores nothing and returns the
     same keys."""
     db = own_stack.db
-    first, second = MessagesRepository(db), MessagesRepository(db)
+    first, second = MessagesAdmin(db, own_stack.settings), MessagesAdmin(db, own_stack.settings)
     appid = 900_000 + uuid.uuid4().int % 100_000
     owners = ["g:1", "u:1", "u:2"]
     fields = {"cmd": 7, "sender": 0, "receiver": 1, "content": "n", "timestamp": 1}
@@ -321,7 +320,9 @@ async def test_batches_and_single_appends_from_two_replicas_keep_keys_dense(
     # records: the inboxes are read forward PROBE_COLD keys per command, nothing is written.
     rid = f"replay-{uuid.uuid4().hex}"
     with structlog.contextvars.bound_contextvars(request_id=rid):
-        again = await MessagesRepository(db).append_batch(appid, batch, dict.fromkeys(owners, 1))
+        again = await MessagesAdmin(db, own_stack.settings).append_batch(
+            appid, batch, dict.fromkeys(owners, 1)
+        )
     assert STORE_COMMANDS.count(rid) <= 2 * (count // 3 // PROBE_COLD + 2) + 1
     assert again == keys
     assert await db[ENTRIES].count_documents({"appid": appid}) == count

@@ -6,8 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from services.auth.domain import AuthDomain
-from services.auth.repository import AuthRepository
+from services.auth.admin import AuthAdmin
 from shared.bus import Bus, DeadLetter, EventHandler, Subscription
 from shared.events import AppCreated, TokenGranted
 from shared.outbox import OutboxRelay
@@ -53,33 +52,31 @@ class BrokenBus(Bus):
 
 async def test_a_failed_publish_is_relayed_later(stack: Stack) -> None:
     app = await stack.new_app()
-    repo = AuthRepository(stack.db)
-    broken = AuthDomain(repo, BrokenBus(), stack.settings)
+    broken = AuthAdmin(stack.db, stack.settings, BrokenBus())
     async with stack.recorder(app.appid) as events:
         token = await broken.grant(app.appid, 1, "eve")  # answered despite the broker
-        user = await repo.user(app.appid, 1)
+        user = await broken.user(app.appid, 1)
         assert user is not None and user.token == token
-        assert await repo.unannounced(app.appid, 1) == [user.revision]
+        assert await broken.unannounced(app.appid, 1) == [user.revision]
         # The running services' relay (every 0.5 s, for changes older than 1 s) publishes it.
         received = await events.wait_for(1)
         assert isinstance(received[0], TokenGranted)
         assert (received[0].uid, received[0].user_name) == (1, "eve")
     async with asyncio.timeout(10):  # settled right after the confirm
-        while await repo.unannounced(app.appid, 1):
+        while await broken.unannounced(app.appid, 1):
             await asyncio.sleep(0.05)
 
 
 async def test_a_request_cancelled_after_its_write_still_gets_its_event(stack: Stack) -> None:
     app = await stack.new_app()
-    repo = AuthRepository(stack.db)
-    hanging = AuthDomain(repo, BrokenBus(hang=True), stack.settings)
+    hanging = AuthAdmin(stack.db, stack.settings, BrokenBus(hang=True))
     task = asyncio.create_task(hanging.grant(app.appid, 2, "frank"))
     async with asyncio.timeout(10):
-        while await AuthRepository(stack.db).user(app.appid, 2) is None:
+        while await AuthAdmin(stack.db, stack.settings).user(app.appid, 2) is None:
             await asyncio.sleep(0.01)
     task.cancel()  # the client went away between the write and the publish
     async with stack.recorder(app.appid) as events:
-        relay = OutboxRelay(repo.revlogs(), stack.bus, interval=60, grace=0)
+        relay = OutboxRelay(hanging.revlogs(), stack.bus, interval=60, grace=0)
         assert await relay.run_once() in (0, 1)  # the services' relay may have been first
         received = await events.wait_for(1)
         assert [type(e) for e in received] == [TokenGranted]

@@ -11,11 +11,10 @@ from typing import Any
 
 import pytest
 
-from services.messages.domain import MessagesDomain
-from services.messages.repository import INDEXES, MessagesRepository
+from services.messages.admin import MessagesAdmin
 from shared.bus import Bus, LocalBus, RabbitBus
 from shared.events import Event, GroupCreated, GroupMemberAdded
-from shared.mongo import ensure_indexes, make_client
+from shared.mongo import make_client
 from shared.settings import Settings
 
 from .conftest import Stack, unique
@@ -64,7 +63,7 @@ async def test_replaying_group_events_changes_nothing(stack: Stack) -> None:
 @pytest.fixture(params=["local", "rabbit"])
 async def fresh(
     request: pytest.FixtureRequest, mongo_url: str
-) -> AsyncIterator[tuple[Bus, MessagesDomain, Any]]:
+) -> AsyncIterator[tuple[Bus, MessagesAdmin, Any]]:
     """A messages domain on a database and exchange of its own, on either transport."""
     settings = Settings(mongo_url=mongo_url, mongo_db=unique("t_"))
     bus: Bus = (
@@ -75,15 +74,15 @@ async def fresh(
     await bus.start()
     client = make_client(mongo_url)
     db = client[settings.mongo_db]
-    await ensure_indexes(db, INDEXES)
-    domain = MessagesDomain(MessagesRepository(db), bus, settings, groups=None)  # type: ignore[arg-type]
+    domain = MessagesAdmin(db, settings, bus)
+    await domain.ensure_indexes()
     yield bus, domain, db
     await bus.close()
     await client.close()
 
 
 async def test_a_consumer_killed_between_write_and_ack(
-    fresh: tuple[Bus, MessagesDomain, Any],
+    fresh: tuple[Bus, MessagesAdmin, Any],
 ) -> None:
     bus, domain, db = fresh
     queue = unique("redeliver.")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from services.messages.repository import Entry, MessagesRepository
+from services.messages.admin import Entry, MessagesAdmin
 
 from .conftest import Stack
 
@@ -46,7 +46,7 @@ async def run_sync_check(stack: Stack) -> None:
             assert status == 200
             accepted.append(content)
 
-    repo = MessagesRepository(stack.db)
+    repo = MessagesAdmin(stack.db, stack.settings)
     seen: list[Entry] = []
 
     async def reader() -> None:

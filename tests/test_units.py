@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from services.messages.domain import member_notifications
+from services.messages.rules import member_notifications
 from shared.auth import parse_basic
 from shared.bus import topic_matches
 from shared.errors import INVALID_APPID, ParleyError

@@ -10,9 +10,8 @@ from typing import Any
 
 import pytest
 
-from services.auth.domain import AuthDomain
-from services.auth.repository import AuthRepository
-from services.customer.domain import CustomerDomain
+from services.auth.admin import AuthAdmin
+from services.customer.admin import CustomerAdmin
 from shared.events import CustomerRegistered, TokenGranted, UserSettingsChanged
 
 from .conftest import App, Stack, md5_hex
@@ -52,7 +51,7 @@ async def test_concurrent_first_grants_return_one_token(any_stack: Stack) -> Non
         assert status == 200
         # One grant created the token; the others changed nothing and published nothing.
         assert len({e.event_id for e in await events.published()}) == 1
-    user = await AuthRepository(stack.db).user(app.appid, 42)
+    user = await AuthAdmin(stack.db, stack.settings).user(app.appid, 42)
     assert user is not None and user.token == token
 
 
@@ -96,7 +95,7 @@ async def test_concurrent_changes_of_one_user_lose_nothing(any_stack: Stack) -> 
     assert sorted(e.user_name for e in granted) == sorted(names)
     assert sorted(e.do_not_disturb.peer_uid for e in changed if e.do_not_disturb) == peers
     assert sorted(e.mute for e in changed if e.mute is not None) == sorted(mutes)
-    user = await AuthRepository(stack.db).user(app.appid, uid)
+    user = await AuthAdmin(stack.db, stack.settings).user(app.appid, uid)
     assert user is not None
     assert user.dnd_peers == set(peers)  # no concurrent addition lost
     assert user.name in names and user.mute in mutes
@@ -116,7 +115,7 @@ def app_key(app: App) -> dict[str, str]:
 async def test_concurrent_registrations_get_distinct_client_ids(any_stack: Stack) -> None:
     stack = any_stack
     app = await stack.new_app()
-    customer = CustomerDomain(stack.db, None, stack.settings, None)
+    customer = CustomerAdmin(stack.db, stack.settings)
     store_id = await customer.create_store(app.appid, "desk")
     await customer.add_agent(app.appid, store_id, "ann")
     pending = list(range(REGISTRATIONS))
@@ -152,7 +151,7 @@ async def test_concurrent_app_creations_get_distinct_appids(any_stack: Stack) ->
     """Apps are created by management commands; several at once, as from several processes
     (each with its own repository), get distinct appids whose credentials verify."""
     stack = any_stack
-    domains = [AuthDomain(AuthRepository(stack.db), None, stack.settings) for _ in range(4)]
+    domains = [AuthAdmin(stack.db, stack.settings) for _ in range(4)]
     created = await asyncio.gather(*(d.create_app(f"a{n}") for n in range(5) for d in domains))
     appids = [c.appid for c in created]
     assert len(set(appids)) == len(created)
