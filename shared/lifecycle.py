@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Literal, Protocol, TypeVar, get_args
+from typing import Literal, Protocol, TypeVar
 
 import structlog
 from aiohttp import web
@@ -167,7 +167,6 @@ def periodic_ctx(
 # What a service may put in ``Deps`` for the others of its process (its in-process API) and
 # take from it (instead of the owner's internal HTTP API): the names of ``Deps`` fields.
 Provided = Literal["verifier", "tokens", "groups", "customers"]
-PROVIDED: tuple[str, ...] = get_args(Provided)
 
 
 @dataclass(frozen=True)

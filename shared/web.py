@@ -66,7 +66,8 @@ log = structlog.get_logger("parley.web")
 class Deps:
     """Process-wide resources shared by the services of one process. A service that owns one
     of the directories puts its in-process implementation here at startup; services started
-    after it use that instead of the owner's internal HTTP API."""
+    after it use that instead of the owner's internal HTTP API (the all-in-one runner starts
+    the owners first: see ``ServiceSpec`` in ``shared/lifecycle.py``)."""
 
     db: Database | None = None
     bus: Bus | None = None
