@@ -49,6 +49,7 @@ from shared.web import (
     verifier_ctx,
 )
 
+from .delivery_api import LocalMessageStore, add_delivery_routes
 from .domain import CMD_CUSTOMER, MessagesDomain
 from .repository import INDEXES, Entry, MessagesRepository, user_inbox
 
@@ -379,6 +380,7 @@ def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
     app.router.add_get("/internal/inbox", internal_inbox)
     app.router.add_post("/internal/sync-key", internal_sync_key)
     app.router.add_post("/internal/messages/customer", internal_customer_message)
+    add_delivery_routes(app, MESSAGES)  # delivery servers: sync pages, sync keys, client sends
 
     async def domain_ctx(app: web.Application) -> AsyncIterator[None]:
         groups: GroupDirectory = deps.groups or HttpGroupDirectory(
@@ -392,6 +394,8 @@ def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
         messages = MessagesDomain(repo, app[BUS], settings, groups)
         app[MESSAGES] = messages
         app[CUSTOMERS] = customers
+        if deps.messages is None:
+            deps.messages = LocalMessageStore(messages)  # a delivery server in this process
         subscription = await app[BUS].subscribe(
             f"{settings.amqp_exchange}.messages.group-notifications",
             ["group.#"],
