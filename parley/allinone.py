@@ -16,6 +16,7 @@ from aiohttp.web_urldispatcher import AbstractRuleMatching, MatchedSubAppResourc
 
 from services.auth.app import create_app as create_auth
 from services.customer.app import create_app as create_customer
+from services.delivery.app import create_app as create_delivery
 from services.groups.app import create_app as create_groups
 from services.messages.app import create_app as create_messages
 from shared.bus import Bus, LocalBus, RabbitBus
@@ -44,6 +45,9 @@ SERVICE_FACTORIES: dict[str, ServiceFactory] = {
     "customer": create_customer,
     "messages": create_messages,
 }
+# What `parley run` runs: the HTTP services, then the delivery service (client connections on
+# its own TCP and WebSocket listeners; it has no routing-table paths).
+ALL_IN_ONE: dict[str, ServiceFactory] = {**SERVICE_FACTORIES, "delivery": create_delivery}
 
 
 class TableRule(AbstractRuleMatching):
@@ -78,7 +82,7 @@ def make_bus(settings: Settings, name: str = "parley") -> Bus:
 
 def create_allinone_app(
     settings: Settings,
-    factories: Mapping[str, ServiceFactory] = SERVICE_FACTORIES,
+    factories: Mapping[str, ServiceFactory] = ALL_IN_ONE,
     deps: Deps | None = None,
     ready_checks: Mapping[str, ReadyCheck] | None = None,
 ) -> web.Application:
@@ -119,7 +123,8 @@ def create_allinone_app(
     add_operations_routes(edge, lambda request: [edge, *(s for _, s in services)])
     for name, service in services:
         service.pre_freeze()  # routes and middleware fixed now; state is set at startup
-        edge.router.register_resource(MatchedSubAppResource(TableRule(name), service))
+        if service_paths(name):  # the delivery service has none: nothing of it is routed
+            edge.router.register_resource(MatchedSubAppResource(TableRule(name), service))
 
     async def run_services(app: web.Application) -> AsyncIterator[None]:
         started: list[web.Application] = []

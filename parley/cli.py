@@ -168,6 +168,14 @@ async def _print_welcome(settings: Settings) -> None:
         f"Parley is listening on {base} (services: {', '.join(SERVICE_ORDER)}; bus: {bus})",
         f"MongoDB: {settings.mongo_url} database {settings.mongo_db!r}",
     ]
+    listeners = [
+        *([f"tcp://{settings.delivery_tcp_addr}"] if settings.delivery_tcp_addr else []),
+        *([f"ws://{settings.delivery_ws_addr}/ws"] if settings.delivery_ws_addr else []),
+        *([f"tls://{settings.delivery_tls_addr}"] if settings.delivery_tls_addr else []),
+        *([f"wss://{settings.delivery_wss_addr}/ws"] if settings.delivery_wss_addr else []),
+    ]
+    if listeners:
+        lines.append(f"IM clients (GoBelieve protocol) connect to {', '.join(listeners)}")
     if created:
         lines.append("Created a demo app:")
     else:
@@ -205,9 +213,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             + ("open to every caller" if not settings.internal_secret else "on a short secret"),
             file=sys.stderr,
         )
-    from parley.allinone import SERVICE_FACTORIES
+    from parley.allinone import ALL_IN_ONE
 
-    factory = SERVICE_FACTORIES.get(args.service)
+    factory = ALL_IN_ONE.get(args.service)
     if factory is None:
         print(f"parley serve: service {args.service!r} is not built yet", file=sys.stderr)
         return 2
@@ -606,7 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     serve = _sub(sub, "serve", help="run one service")
-    serve.add_argument("service", choices=SERVICES)
+    serve.add_argument("service", choices=(*SERVICES, "delivery"))
     serve.add_argument("--http-addr", default=None, help=f"HOST:PORT to listen on ({ENV_HTTP})")
     serve.add_argument("--mongo-url", default=None, help=f"MongoDB URL ({ENV_MONGO})")
     serve.add_argument(

@@ -60,6 +60,10 @@ from shared.settings import Settings
 from shared.web import Deps
 
 configure_logging(level=os.environ.get("PARLEY_TEST_LOG_LEVEL", "warning"), cache=False)
+# `parley run` processes the tests start listen for IM clients on free ports, not the defaults
+# (several test sessions share the machine).
+os.environ.setdefault("PARLEY_DELIVERY_TCP_ADDR", f"127.0.0.1:{free_port()}")
+os.environ.setdefault("PARLEY_DELIVERY_WS_ADDR", f"127.0.0.1:{free_port()}")
 
 # The ``parley`` command as the tests start it.
 PARLEY = [sys.executable, "-m", "parley.cli"]
@@ -411,6 +415,9 @@ def stack_settings(mongo_url: str, amqp_url: str | None) -> Settings:
         # stacks test (tests/test_supervision.py tests the deadlines themselves).
         request_timeout=TEST_DEADLINE,
         mongo_timeout=TEST_DEADLINE,
+        # The delivery service's client listeners: ports of each stack's own.
+        delivery_tcp_addr=f"127.0.0.1:{free_port()}",
+        delivery_ws_addr=f"127.0.0.1:{free_port()}",
     )
 
 
