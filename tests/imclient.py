@@ -119,7 +119,7 @@ class Client:
 
     async def auth(self, token: str, platform: int = 2, device: str = "dev-1") -> int:
         await self.send(AUTH_TOKEN, auth_body(token, platform, device))
-        return struct.unpack(">i", (await self.next(AUTH_STATUS)).body)[0]
+        return int(struct.unpack(">i", (await self.next(AUTH_STATUS)).body)[0])
 
     async def send_im(
         self, sender: int, receiver: int, content: str, *, msgid: int = 0, cmd: int = IM
@@ -234,14 +234,14 @@ class WsClient(Client):
         ws: aiohttp.ClientWebSocketResponse,
     ) -> None:
         super().__init__(version)
-        self.session, self.ws = session, ws
+        self.session, self.socket = session, ws
 
     async def write(self, data: bytes) -> None:
-        await self.ws.send_bytes(data)
+        await self.socket.send_bytes(data)
 
     async def _read(self) -> None:
         try:
-            async for msg in self.ws:
+            async for msg in self.socket:
                 if msg.type != aiohttp.WSMsgType.BINARY:
                     break
                 data = msg.data
@@ -255,5 +255,5 @@ class WsClient(Client):
 
     async def close(self) -> None:
         await super().close()
-        await self.ws.close()
+        await self.socket.close()
         await self.session.close()

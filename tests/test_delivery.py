@@ -35,6 +35,7 @@ from .imclient import (
     SYNC_NOTIFY,
     SYSTEM,
     Client,
+    WsClient,
 )
 
 
@@ -403,7 +404,8 @@ async def test_invalid_frames_close_the_connection(
 async def test_a_text_websocket_message_closes(im: Stack) -> None:
     client = await connect(im, "ws")
     try:
-        await client.ws.send_str("hello")  # type: ignore[attr-defined]
+        assert isinstance(client, WsClient)
+        await client.socket.send_str("hello")
         await client.wait_closed()
     finally:
         await client.close()
