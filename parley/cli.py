@@ -291,7 +291,9 @@ def cmd_cluster(args: argparse.Namespace) -> int:
             amqp_url = broker.extra["url"]
         settings = _settings(args, mongo_url=mongo_url, amqp_url=amqp_url)
         replicas = dict.fromkeys(SERVICES, args.replicas)
-        cluster = start_cluster(settings, data / "logs", replicas, edge_addr=settings.http_addr)
+        cluster = start_cluster(
+            settings, data / "logs", replicas, edge_addr=settings.http_addr, delivery=args.replicas
+        )
     except ServerError as exc:
         for process in reversed(started):
             process.stop()
@@ -299,6 +301,10 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         return 1
     asyncio.run(_print_welcome(settings))
     print(f"RabbitMQ: {amqp_url} (exchange {settings.amqp_exchange})")
+    for n, replica in enumerate(cluster.delivery):
+        print(
+            f"IM clients: delivery {n}: tcp://{replica.extra['tcp']}, ws://{replica.extra['ws']}/ws"
+        )
     print(f"{args.replicas} replica(s) of each service; logs in {data / 'logs'}. Ctrl-C stops.")
     sys.stdout.flush()
     try:
