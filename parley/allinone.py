@@ -82,7 +82,7 @@ def make_bus(settings: Settings, name: str = "parley") -> Bus:
 
 def create_allinone_app(
     settings: Settings,
-    factories: Mapping[str, ServiceFactory] = ALL_IN_ONE,
+    factories: Mapping[str, ServiceFactory] = SERVICE_FACTORIES,
     deps: Deps | None = None,
     ready_checks: Mapping[str, ReadyCheck] | None = None,
 ) -> web.Application:

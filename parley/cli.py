@@ -126,9 +126,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         settings = _settings(args, **extra)
         configure_logging(json=settings.log_json, level=settings.log_level)
         checks = {"embedded store": store.check} if store is not None else None
-        from parley.allinone import create_allinone_app
+        from parley.allinone import ALL_IN_ONE, create_allinone_app
 
-        app = create_allinone_app(settings, ready_checks=checks)
+        app = create_allinone_app(settings, ALL_IN_ONE, ready_checks=checks)
         if store is not None:
             app.cleanup_ctx.append(store.supervise_ctx)
 

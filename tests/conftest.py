@@ -38,7 +38,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from aiohttp.web_runner import BaseRunner
 
-from parley.allinone import create_allinone_app
+from parley.allinone import ALL_IN_ONE, create_allinone_app
 from parley.cluster import start_cluster
 from parley.servers import (
     Process,
@@ -334,7 +334,7 @@ async def allinone_stack(mode: str, settings: Settings) -> AsyncIterator[Stack]:
     )
     await bus.start()
     client, db = await _prepared_db(settings.mongo_url, settings.mongo_db)
-    app = create_allinone_app(settings, deps=Deps(db=db, bus=bus))
+    app = create_allinone_app(settings, ALL_IN_ONE, deps=Deps(db=db, bus=bus))
     server = ParleyTestServer(app, host="127.0.0.1", port=free_port())
     await server.start_server()
     try:

@@ -15,6 +15,7 @@ the msgid back in the pushed frame; a sync later recognises the sender's own dev
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections import OrderedDict
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import structlog
 from prometheus_client import Gauge, Histogram
 
-from shared.auth import Verifier
+from shared.auth import TokenOwner, Verifier
 from shared.bus import Bus
 from shared.errors import ParleyError
 from shared.events import (
@@ -110,6 +111,7 @@ class DeliveryServer:
         self.kefu_appid = kefu_appid
         self.registry = Registry()
         self._seen: OrderedDict[str, None] = OrderedDict()
+        self._resolving: dict[str, asyncio.Future[TokenOwner]] = {}
 
     # ---- connections ----
 
@@ -156,6 +158,8 @@ class DeliveryServer:
                     self.registry.enter_room(conn, command.room)
             elif command.room == conn.room:  # LEAVE_ROOM
                 self.registry.leave_room(conn)
+        elif isinstance(command, p.CustomerMessage):
+            await self._customer(conn, header, command)
         elif isinstance(command, p.RTMessage):
             if cmd == p.RT:
                 await self._rt(conn, command)
@@ -170,11 +174,13 @@ class DeliveryServer:
             token = command.token.decode("ascii")
             if not token or not token.isprintable():
                 raise ValueError("not a token")
-            owner = await self.verifier.resolve_token(token)
-        except (ValueError, ParleyError) as exc:
-            if isinstance(exc, ParleyError) and exc.status >= 500:
-                log.warning("token check failed", error=exc.message)
+            owner = await self._resolve(token)
+        except (ValueError, ParleyError):
             conn.send(p.Out(p.AUTH_STATUS, p.encode_status(1)))  # stays open (§5.2)
+            return
+        except Exception as exc:  # the auth service or its store failed: status 1 too
+            log.warning("token check failed", error=repr(exc))
+            conn.send(p.Out(p.AUTH_STATUS, p.encode_status(1)))
             return
         if owner.uid == 0:
             conn.send(p.Out(p.AUTH_STATUS, p.encode_status(1)))
@@ -186,6 +192,16 @@ class DeliveryServer:
         conn.send(p.Out(p.AUTH_STATUS, p.encode_status(0)))
         self.registry.add_user(conn)
         log.debug("authenticated", appid=conn.appid, uid=conn.uid, transport=conn.transport)
+
+    async def _resolve(self, token: str) -> TokenOwner:
+        """The token's owner; concurrent checks of one token (a user's devices reconnecting
+        together) make one call."""
+        pending = self._resolving.get(token)
+        if pending is None:
+            pending = asyncio.ensure_future(self.verifier.resolve_token(token))
+            self._resolving[token] = pending
+            pending.add_done_callback(lambda _: self._resolving.pop(token, None))
+        return await asyncio.shield(pending)
 
     # ---- sends ----
 
@@ -253,6 +269,33 @@ class DeliveryServer:
             conn.send(p.out_ack(header.seq))
         else:
             conn.send(p.out_metadata(own, own - 1), p.out_ack(header.seq))
+
+    async def _customer(self, conn: Connection, header: p.Header, msg: p.CustomerMessage) -> None:
+        """CUSTOMER_V2 (§7.6): as the authenticated user of its app, to or from the configured
+        customer-service app; anything else is dropped without an ACK."""
+        if msg.sender_appid != conn.appid or msg.sender != conn.uid:
+            return
+        if not self.kefu_appid or self.kefu_appid not in (msg.sender_appid, msg.receiver_appid):
+            return
+        if len(msg.content) > p.MAX_CUSTOMER_CONTENT or msg.receiver_appid <= 0:
+            return
+        post = DeliveryPost(
+            kind="customer",
+            msg_id=origin_id(conn.device, 0),
+            appid=conn.appid,
+            sender=conn.uid,
+            receiver=msg.receiver,
+            receiver_appid=msg.receiver_appid,
+            content=_content(msg.content),
+        )
+        try:
+            stored = await self.store.post(post)
+        except Exception as exc:
+            log.warning("storing a customer message failed", error=repr(exc))
+            return
+        key = stored.keys.get(conn.uid) if stored is not None else None
+        if key is not None:
+            conn.send(p.out_metadata(key, key - 1), p.out_ack(header.seq))
 
     async def _rt(self, conn: Connection, msg: p.RTMessage) -> None:
         if msg.sender != conn.uid:
@@ -488,8 +531,10 @@ class DeliveryServer:
             )
         )
         frame = p.Out(p.CUSTOMER_V2, body, flag=p.FLAG_PUSH)
+        origin = origin_of(event.msg_id)
+        skip = (event.sender, origin.device) if origin is not None else None
         self._push_to(event.receiver_appid, event.receiver, event.receiver_key, frame, None)
-        self._push_to(event.sender_appid, event.sender, event.sender_key, frame, None)
+        self._push_to(event.sender_appid, event.sender, event.sender_key, frame, skip)
 
     def _push_room(self, event: RoomMessage) -> None:
         origin = origin_of(event.msg_id)
