@@ -51,12 +51,13 @@ class DeliveryPost(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["peer", "group"]
+    kind: Literal["peer", "group", "customer"]
     msg_id: str
     appid: int
     sender: int
     receiver: int  # a uid, or a group id
     content: str
+    receiver_appid: int = 0  # a customer message's receiver's app
 
 
 class Stored(BaseModel):

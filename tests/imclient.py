@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -81,17 +82,18 @@ class Client:
     # ---- transports ----
 
     @classmethod
-    async def tcp(cls, addr: str, version: int = 2) -> Client:
+    async def tcp(cls, addr: str, version: int = 2, tls: ssl.SSLContext | None = None) -> Client:
         host, port = addr.rsplit(":", 1)
-        reader, writer = await asyncio.open_connection(host, int(port))
+        reader, writer = await asyncio.open_connection(host, int(port), ssl=tls)
         client = TcpClient(version, reader, writer)
         client._reader_task = asyncio.create_task(client._read())
         return client
 
     @classmethod
-    async def ws(cls, addr: str, version: int = 1) -> Client:
+    async def ws(cls, addr: str, version: int = 1, tls: ssl.SSLContext | None = None) -> Client:
         session = aiohttp.ClientSession()
-        ws = await session.ws_connect(f"http://{addr}/ws")
+        scheme = "https" if tls else "http"
+        ws = await session.ws_connect(f"{scheme}://{addr}/ws", ssl=tls or True)
         client = WsClient(version, session, ws)
         client._reader_task = asyncio.create_task(client._read())
         return client

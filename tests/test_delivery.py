@@ -6,16 +6,23 @@ validation that closes a connection (wire protocol §1.6, §5, §6, §7, §8).""
 from __future__ import annotations
 
 import asyncio
+import ssl
 import struct
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .conftest import App, Stack, allinone_stack, stack_settings
+from parley.servers import free_port
+from services.auth.domain import AuthDomain
+from services.auth.repository import AuthRepository
+
+from .conftest import App, Stack, _prepared_db, allinone_stack, stack_settings
 from .imclient import (
     ACK,
     AUTH_STATUS,
+    CUSTOMER_V2,
     ENTER_ROOM,
     GROUP_IM,
     GROUP_NOTIFICATION,
@@ -421,3 +428,78 @@ async def test_idle_connections_are_closed(mongo_url: str) -> None:
             await client.wait_closed(timeout=5.0)
         finally:
             await client.close()
+
+
+async def test_customer_messages_between_apps(mongo_url: str) -> None:
+    settings = stack_settings(mongo_url, None)
+    client, db = await _prepared_db(settings.mongo_url, settings.mongo_db)
+    try:  # the customer-service app exists before the stack starts: it is configured
+        kefu = await AuthDomain(AuthRepository(db), None, settings).create_app("kefu")
+    finally:
+        await client.close()
+    settings = settings.model_copy(update={"kefu_appid": kefu.appid})
+    async with allinone_stack("local", settings) as stack:
+        shop = await stack.new_app("shop")
+        agent_app = App(kefu.appid, kefu.key, kefu.secret)
+        visitor = await online(stack, shop, 7, "tcp")
+        agent = await online(stack, agent_app, 50, "ws")
+        try:
+            body = struct.pack(">qqqqi", shop.appid, 7, kefu.appid, 50, 0) + b"help"
+            seq = await visitor.send(CUSTOMER_V2, body)
+            meta = await visitor.next(METADATA)
+            ack = await visitor.next(ACK)
+            assert ack.ack() == (seq, 0) and ack.seq == meta.seq + 1
+            _, pushed = await agent.pushed(CUSTOMER_V2)
+            sender_appid, sender, receiver_appid, receiver, _ = struct.unpack_from(
+                ">qqqqi", pushed.body
+            )
+            assert (sender_appid, sender, receiver_appid, receiver) == (
+                shop.appid,
+                7,
+                kefu.appid,
+                50,
+            )
+            assert pushed.body[36:] == b"help"
+            _, synced, _ = await agent.sync(0)
+            assert [(m.cmd, m.body[36:]) for m in synced] == [(CUSTOMER_V2, b"help")]
+            # Neither side the customer-service app: dropped, no ACK.
+            await visitor.send(CUSTOMER_V2, struct.pack(">qqqqi", shop.appid, 7, shop.appid, 8, 0))
+            await visitor.send(PING)
+            assert [f.cmd for f in await visitor.quiet(0.3)] == [PONG]
+        finally:
+            await visitor.close()
+            await agent.close()
+
+
+async def test_tls_listeners(mongo_url: str, tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    made = await asyncio.create_subprocess_exec(
+        *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+        *("-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert await made.wait() == 0
+    settings = stack_settings(mongo_url, None).model_copy(
+        update={
+            "delivery_tls_addr": f"127.0.0.1:{free_port()}",
+            "delivery_wss_addr": f"127.0.0.1:{free_port()}",
+            "delivery_cert_file": str(cert),
+            "delivery_key_file": str(key),
+        }
+    )
+    tls = ssl.create_default_context(cafile=str(cert))
+    tls.check_hostname = False
+    async with allinone_stack("local", settings) as stack:
+        app = await stack.new_app()
+        token = await stack.token(app, 1)
+        for client in (
+            await Client.tcp(settings.delivery_tls_addr, 2, tls),
+            await Client.ws(settings.delivery_wss_addr, 1, tls),
+        ):
+            try:
+                assert await client.auth(token) == 0
+                await client.send(PING)
+                assert (await client.next()).cmd == PONG
+            finally:
+                await client.close()

@@ -16,7 +16,7 @@ from shared.jsonio import json_response
 from shared.logs import request_id_of
 from shared.web import require_internal
 
-from .domain import MessagesDomain
+from .domain import CMD_CUSTOMER, MessagesDomain
 from .repository import Entry, group_queue, user_inbox
 
 MAX_PAGE = 3000
@@ -62,6 +62,8 @@ class LocalMessageStore(MessageStore):
 
     async def post(self, post: DeliveryPost, rid: str = "") -> Stored | None:
         domain = self._domain
+        if post.kind == "customer":
+            return await self._customer(post, rid)
         fields: dict[str, Any] = {"sender": post.sender}
         if post.kind == "group":
             group = await domain.groups.get_group(post.appid, post.receiver)
@@ -75,6 +77,35 @@ class LocalMessageStore(MessageStore):
         done = await domain.post(accepted, rid)
         keys = {int(o[2:]): k for o, k in done.keys.items() if o.startswith("u:")}
         return Stored(keys=keys, group_key=done.keys.get(group_queue(post.receiver)))
+
+    async def _customer(self, post: DeliveryPost, rid: str) -> Stored:
+        """As ``MessagesDomain.post_customer``, under the delivery server's id: the receiver's
+        copy in the receiver's app first (idempotent by id), then the post in the sender's."""
+        domain = self._domain
+        accepted = domain._new(
+            post.appid,
+            "customer",
+            post.content,
+            sender=post.sender,
+            receiver=post.receiver,
+            sender_appid=post.appid,
+            receiver_appid=post.receiver_appid,
+        )
+        accepted.id = post.msg_id
+        fields = {
+            "cmd": CMD_CUSTOMER,
+            "sender": post.sender,
+            "receiver": post.receiver,
+            "sender_appid": post.appid,
+            "receiver_appid": post.receiver_appid,
+            "content": post.content,
+            "timestamp": accepted.timestamp,
+        }
+        receiver_inbox = user_inbox(post.receiver)
+        keys = await domain.repo.append(post.receiver_appid, [receiver_inbox], accepted.id, fields)
+        accepted.receiver_key = keys[receiver_inbox]
+        done = await domain.post(accepted, rid)
+        return Stored(keys={post.sender: done.keys[user_inbox(post.sender)]})
 
 
 # ---- the internal API -----------------------------------------------------------------------
