@@ -503,3 +503,22 @@ async def test_tls_listeners(mongo_url: str, tmp_path: Path) -> None:
                 assert (await client.next()).cmd == PONG
             finally:
                 await client.close()
+
+
+@BOTH
+async def test_commands_the_server_accepts_and_ignores(im: Stack, transport: Transport) -> None:
+    app = await im.new_app()
+    client = await online(im, app, 1, transport)
+    try:
+        await client.send(ACK, struct.pack(">i", 3) + b"\x00")  # a client's ACK of a frame
+        await client.send(PONG)
+        await client.send(METADATA, bytes(32))
+        await client.send(22, struct.pack(">i", 5))  # UNREAD_COUNT
+        await client.send(24, b"legacy customer")
+        await client.send(25, b"")
+        await client.send(SYNC_KEY, key_body(0))  # 0 changes nothing
+        await client.send(19, key_body(77))  # LEAVE_ROOM of a room it is not in
+        await client.send(PING)
+        assert [f.cmd for f in await client.quiet(0.3)] == [PONG]
+    finally:
+        await client.close()
