@@ -16,6 +16,7 @@ from aiohttp.web_urldispatcher import AbstractRuleMatching, MatchedSubAppResourc
 
 from services.auth.app import SPEC as AUTH
 from services.customer.app import SPEC as CUSTOMER
+from services.delivery.app import SPEC as DELIVERY
 from services.groups.app import SPEC as GROUPS
 from services.messages.app import SPEC as MESSAGES
 from shared.bus import Bus, LocalBus, RabbitBus
@@ -41,6 +42,9 @@ from shared.web import (
 SERVICE_FACTORIES: dict[str, ServiceSpec] = {
     spec.name: spec for spec in (AUTH, GROUPS, CUSTOMER, MESSAGES)
 }
+# What `parley run` runs: the HTTP services, then the delivery service (client connections on
+# its own TCP and WebSocket listeners; it has no routing-table paths).
+ALL_IN_ONE: dict[str, ServiceSpec] = {**SERVICE_FACTORIES, DELIVERY.name: DELIVERY}
 
 
 class TableRule(AbstractRuleMatching):
@@ -122,7 +126,8 @@ def create_allinone_app(
     add_operations_routes(edge, lambda request: [edge, *(s for _, s in services)])
     for spec, service in services:
         service.pre_freeze()  # routes and middleware fixed now; state is set at startup
-        edge.router.register_resource(MatchedSubAppResource(TableRule(spec.name), service))
+        if service_paths(spec.name):  # the delivery service has none: nothing of it is routed
+            edge.router.register_resource(MatchedSubAppResource(TableRule(spec.name), service))
 
     async def run_services(app: web.Application) -> AsyncIterator[None]:
         started: list[web.Application] = []

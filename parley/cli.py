@@ -126,9 +126,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         settings = _settings(args, **extra)
         configure_logging(json=settings.log_json, level=settings.log_level)
         checks = {"embedded store": store.check} if store is not None else None
-        from parley.allinone import create_allinone_app
+        from parley.allinone import ALL_IN_ONE, create_allinone_app
 
-        app = create_allinone_app(settings, ready_checks=checks)
+        app = create_allinone_app(settings, ALL_IN_ONE, ready_checks=checks)
         if store is not None:
             app.cleanup_ctx.append(store.supervise_ctx)
 
@@ -162,6 +162,14 @@ async def _print_welcome(settings: Settings) -> None:
         f"Parley is listening on {base} (services: {', '.join(SERVICE_ORDER)}; bus: {bus})",
         f"MongoDB: {settings.mongo_url} database {settings.mongo_db!r}",
     ]
+    listeners = [
+        *([f"tcp://{settings.delivery_tcp_addr}"] if settings.delivery_tcp_addr else []),
+        *([f"ws://{settings.delivery_ws_addr}/ws"] if settings.delivery_ws_addr else []),
+        *([f"tls://{settings.delivery_tls_addr}"] if settings.delivery_tls_addr else []),
+        *([f"wss://{settings.delivery_wss_addr}/ws"] if settings.delivery_wss_addr else []),
+    ]
+    if listeners:
+        lines.append(f"IM clients (GoBelieve protocol) connect to {', '.join(listeners)}")
     if created:
         lines.append("Created a demo app:")
     else:
@@ -199,9 +207,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             + ("open to every caller" if not settings.internal_secret else "on a short secret"),
             file=sys.stderr,
         )
-    from parley.allinone import SERVICE_FACTORIES
+    from parley.allinone import ALL_IN_ONE
 
-    factory = SERVICE_FACTORIES.get(args.service)
+    factory = ALL_IN_ONE.get(args.service)
     if factory is None:
         print(f"parley serve: service {args.service!r} is not built yet", file=sys.stderr)
         return 2
@@ -277,7 +285,9 @@ def cmd_cluster(args: argparse.Namespace) -> int:
             amqp_url = broker.extra["url"]
         settings = _settings(args, mongo_url=mongo_url, amqp_url=amqp_url)
         replicas = dict.fromkeys(SERVICES, args.replicas)
-        cluster = start_cluster(settings, data / "logs", replicas, edge_addr=settings.http_addr)
+        cluster = start_cluster(
+            settings, data / "logs", replicas, edge_addr=settings.http_addr, delivery=args.replicas
+        )
     except ServerError as exc:
         for process in reversed(started):
             process.stop()
@@ -285,6 +295,10 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         return 1
     asyncio.run(_print_welcome(settings))
     print(f"RabbitMQ: {amqp_url} (exchange {settings.amqp_exchange})")
+    for n, replica in enumerate(cluster.delivery):
+        print(
+            f"IM clients: delivery {n}: tcp://{replica.extra['tcp']}, ws://{replica.extra['ws']}/ws"
+        )
     print(f"{args.replicas} replica(s) of each service; logs in {data / 'logs'}. Ctrl-C stops.")
     sys.stdout.flush()
     try:
@@ -596,7 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     serve = _sub(sub, "serve", help="run one service")
-    serve.add_argument("service", choices=SERVICES)
+    serve.add_argument("service", choices=(*SERVICES, "delivery"))
     serve.add_argument("--http-addr", default=None, help=f"HOST:PORT to listen on ({ENV_HTTP})")
     serve.add_argument("--mongo-url", default=None, help=f"MongoDB URL ({ENV_MONGO})")
     serve.add_argument(

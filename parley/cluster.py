@@ -23,6 +23,9 @@ class Cluster:
     # random one made for this cluster.
     internal_secret: str
     processes: list[Process] = field(default_factory=list)
+    # The delivery replicas: each process's extra["tcp"] and extra["ws"] are its client
+    # listeners (HOST:PORT).
+    delivery: list[Process] = field(default_factory=list)
 
     def stop(self) -> None:
         stop_all(self.processes)
@@ -34,6 +37,7 @@ def start_cluster(
     replicas: dict[str, int] | None = None,
     edge_addr: str | None = None,
     log_level: str = "warning",
+    delivery: int = 0,
 ) -> Cluster:
     """Start every service (``replicas`` of each, default one) against the MongoDB and
     RabbitMQ of ``settings``; returns once everything answers."""
@@ -80,6 +84,22 @@ def start_cluster(
                 cluster.processes.append(
                     start_service(service, port, env, logs / f"{service}-{n}.log")
                 )
+        for n in range(delivery):  # client listeners on ports of their own; no edge routes
+            tcp, ws = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+            process = start_service(
+                "delivery",
+                free_port(),
+                env
+                | {
+                    "PARLEY_MESSAGES_URL": f"http://127.0.0.1:{internal['messages']}",
+                    "PARLEY_DELIVERY_TCP_ADDR": tcp,
+                    "PARLEY_DELIVERY_WS_ADDR": ws,
+                },
+                logs / f"delivery-{n}.log",
+            )
+            process.extra.update(tcp=tcp, ws=ws)
+            cluster.processes.append(process)
+            cluster.delivery.append(process)
         cluster.processes.append(
             start_nginx(
                 render_nginx(upstreams, listen=f"{edge_host}:{edge_port}"),

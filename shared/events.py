@@ -383,3 +383,16 @@ class SupporterAssigned(Event):
     uid: int
     store_id: int
     seller_id: int
+
+
+# ---- delivery -----------------------------------------------------------------------------
+
+
+class RealtimeMessage(MessageEvent):
+    """An RT frame (wire protocol §7.2) a client sent to a delivery server: never stored;
+    every delivery replica passes it to the receiver's live connections."""
+
+    routing_key: ClassVar[str] = "delivery.rt"
+    version: Literal[1] = 1
+    sender: int
+    receiver: int

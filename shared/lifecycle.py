@@ -166,7 +166,7 @@ def periodic_ctx(
 
 # What a service may put in ``Deps`` for the others of its process (its in-process API) and
 # take from it (instead of the owner's internal HTTP API): the names of ``Deps`` fields.
-Provided = Literal["verifier", "tokens", "groups", "customers"]
+Provided = Literal["verifier", "tokens", "groups", "customers", "messages"]
 
 
 @dataclass(frozen=True)

@@ -111,6 +111,10 @@ INTERNAL_ROUTES: tuple[Route, ...] = tuple(
         ("GET", "/internal/inbox", "internal_inbox"),
         ("POST", "/internal/sync-key", "internal_sync_key"),
         ("POST", "/internal/messages/customer", "internal_customer_message"),
+        # Delivery servers: sync pages, stored sync keys, client-sent messages.
+        ("GET", "/internal/delivery/inbox", "internal_delivery_inbox"),
+        ("POST", "/internal/delivery/sync-key", "internal_delivery_sync_key"),
+        ("POST", "/internal/delivery/messages", "internal_delivery_messages"),
         internal=True,
     )
     + _rows(

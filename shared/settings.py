@@ -95,10 +95,33 @@ class Settings(BaseSettings):
     # Deadline of each MongoDB operation (PyMongo's timeoutMS) and of server selection.
     mongo_timeout: float = Field(default=5.0, gt=0)
 
+    # ---- the delivery service (GoBelieve's client protocol, wire protocol §1.1) ----
+    # Where clients connect: raw frames over TCP, and WebSocket on path /ws; "" turns one off.
+    delivery_tcp_addr: str = "127.0.0.1:23000"
+    delivery_ws_addr: str = "127.0.0.1:13891"
+    # The same over TLS (TCP and WebSocket), with this certificate chain and key (PEM files).
+    delivery_tls_addr: str = ""
+    delivery_wss_addr: str = ""
+    delivery_cert_file: str = ""
+    delivery_key_file: str = ""
+    # A connection that sends no frame for this long is closed (wire protocol §5.4).
+    delivery_idle_timeout: float = Field(default=360.0, gt=0)
+    # Where a delivery server reaches the messages service's internal API (distributed mode).
+    messages_url: str = "http://127.0.0.1:8083"
+
     @field_validator("http_addr")
     @classmethod
     def _host_port(cls, value: str) -> str:
         split_addr(value)
+        return value
+
+    @field_validator(
+        "delivery_tcp_addr", "delivery_ws_addr", "delivery_tls_addr", "delivery_wss_addr"
+    )
+    @classmethod
+    def _optional_host_port(cls, value: str) -> str:
+        if value:
+            split_addr(value)
         return value
 
 

@@ -34,6 +34,7 @@ from shared.auth import (
 from shared.bus import Bus, RabbitBus
 from shared.errors import DEADLINE_EXCEEDED, ParleyError, error_middleware
 from shared.http import MAX_BODY
+from shared.inboxes import MessageStore
 from shared.internal import (
     INTERNAL_SECRET_HEADER,
     CustomerDirectory,
@@ -75,6 +76,7 @@ class Deps:
     groups: GroupDirectory | None = None
     customers: CustomerDirectory | None = None
     tokens: TokenIssuer | None = None
+    messages: MessageStore | None = None
 
 
 def require_internal(request: web.Request) -> None:

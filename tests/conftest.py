@@ -38,7 +38,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from aiohttp.web_runner import BaseRunner
 
-from parley.allinone import create_allinone_app
+from parley.allinone import ALL_IN_ONE, create_allinone_app
 from parley.cluster import start_cluster
 from parley.servers import (
     Process,
@@ -58,6 +58,10 @@ from shared.settings import Settings
 from shared.web import Deps
 
 configure_logging(level=os.environ.get("PARLEY_TEST_LOG_LEVEL", "warning"), cache=False)
+# `parley run` processes the tests start listen for IM clients on free ports, not the defaults
+# (several test sessions share the machine).
+os.environ.setdefault("PARLEY_DELIVERY_TCP_ADDR", f"127.0.0.1:{free_port()}")
+os.environ.setdefault("PARLEY_DELIVERY_WS_ADDR", f"127.0.0.1:{free_port()}")
 
 # The ``parley`` command as the tests start it.
 PARLEY = [sys.executable, "-m", "parley.cli"]
@@ -327,7 +331,7 @@ async def allinone_stack(mode: str, settings: Settings) -> AsyncIterator[Stack]:
     )
     await bus.start()
     client, db = await _prepared_db(settings)
-    app = create_allinone_app(settings, deps=Deps(db=db, bus=bus))
+    app = create_allinone_app(settings, ALL_IN_ONE, deps=Deps(db=db, bus=bus))
     server = ParleyTestServer(app, host="127.0.0.1", port=free_port())
     await server.start_server()
     try:
@@ -408,6 +412,9 @@ def stack_settings(mongo_url: str, amqp_url: str | None) -> Settings:
         # stacks test (tests/test_supervision.py tests the deadlines themselves).
         request_timeout=TEST_DEADLINE,
         mongo_timeout=TEST_DEADLINE,
+        # The delivery service's client listeners: ports of each stack's own.
+        delivery_tcp_addr=f"127.0.0.1:{free_port()}",
+        delivery_ws_addr=f"127.0.0.1:{free_port()}",
     )
 
 

@@ -278,7 +278,7 @@ def test_everything_parley_cluster_starts_listens_on_loopback_only(
     # What the cluster is made of is there: the test sees its sockets.
     assert {"beam.smp", "epmd", "parley-ferretdb", "nginx"} <= names, ours
     serving = {p for listener in ours for p in listener.pids} & set(cluster.services())
-    assert len(serving) == 4, ours
+    assert len(serving) == 5, ours  # the four services and one delivery replica
     exposed = [listener for listener in ours if listener.host not in LOOPBACK]
     assert not exposed, exposed
     # The broker's Erlang distribution port and its epmd are among them, on loopback.

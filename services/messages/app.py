@@ -46,6 +46,7 @@ from shared.web import (
     verifier_ctx,
 )
 
+from .delivery_api import LocalMessageStore, delivery_handlers
 from .domain import CMD_CUSTOMER, MessagesDomain
 from .repository import INDEXES, Entry, MessagesRepository
 
@@ -330,6 +331,7 @@ HANDLERS = {
     "internal_inbox": internal_inbox,
     "internal_sync_key": internal_sync_key,
     "internal_customer_message": internal_customer_message,
+    **delivery_handlers(MESSAGES),
 }
 
 # Group notifications (spec §2.6), stored from the groups service's ``group.*`` events. A big
@@ -355,6 +357,8 @@ def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
             app[MESSAGES] = MessagesDomain(
                 repo, app[BUS], settings, app[GROUP_DIRECTORY], app[CUSTOMERS]
             )
+            if deps.messages is None:  # a delivery server in this process uses it directly
+                deps.messages = LocalMessageStore(app[MESSAGES])
             posts = app[DB]["messages_posts"]
 
             async def pending_messages() -> None:
@@ -395,4 +399,9 @@ def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
     return app
 
 
-SPEC = ServiceSpec(SERVICE, create_app, needs=frozenset({"verifier", "groups", "customers"}))
+SPEC = ServiceSpec(
+    SERVICE,
+    create_app,
+    provides=frozenset({"messages"}),
+    needs=frozenset({"verifier", "groups", "customers"}),
+)
