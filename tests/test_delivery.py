@@ -15,8 +15,7 @@ from typing import Any
 import pytest
 
 from parley.servers import free_port
-from services.auth.domain import AuthDomain
-from services.auth.repository import AuthRepository
+from services.auth.admin import AuthAdmin
 
 from .conftest import App, Stack, _prepared_db, allinone_stack, stack_settings
 from .imclient import (
@@ -434,7 +433,7 @@ async def test_customer_messages_between_apps(mongo_url: str) -> None:
     settings = stack_settings(mongo_url, None)
     client, db = await _prepared_db(settings)
     try:  # the customer-service app exists before the stack starts: it is configured
-        kefu = await AuthDomain(AuthRepository(db), None, settings).create_app("kefu")
+        kefu = await AuthAdmin(db, settings).create_app("kefu")
     finally:
         await client.close()
     settings = settings.model_copy(update={"kefu_appid": kefu.appid})
