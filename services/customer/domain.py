@@ -12,12 +12,12 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal, Protocol
+from typing import Literal
 
 import structlog
 
 from shared.bus import Bus
-from shared.errors import APP_NO_CUSTOMER, INVALID_APPID, STORE_NO_SUPPORTER, ParleyError
+from shared.errors import APP_NO_CUSTOMER, STORE_NO_SUPPORTER, ParleyError
 from shared.events import (
     AgentAdded,
     AgentPresence,
@@ -28,45 +28,15 @@ from shared.events import (
     utcnow,
 )
 from shared.internal import CustomerDirectory, TokenIssuer, UidTaken
-from shared.limits import check_length
 from shared.mongo import Database, Document
 from shared.revlog import Conflict, Versioned
 
 from .repository import Agent, CustomerRepository, Store, Visitor, to_store, visitor_key
+from .rules import CustomerPolicy, check_profile, check_same_app
 
 log = structlog.get_logger("parley.customer")
 
 TOKEN_ATTEMPTS = 3
-
-
-class CustomerPolicy(Protocol):
-    """The settings the customer domain decides with, each the ``PARLEY_*`` of its name
-    (``Settings`` is one)."""
-
-    @property
-    def customer_client_id_base(self) -> int: ...
-    @property
-    def customer_auth_requires_appkey(self) -> bool: ...
-    @property
-    def max_name_length(self) -> int: ...
-    @property
-    def max_avatar_length(self) -> int: ...
-
-
-def check_profile(
-    policy: CustomerPolicy, customer_id: str | None, name: str | None, avatar: str | None
-) -> None:
-    """A visitor's customer id and name within ``max_name_length``, avatar within
-    ``max_avatar_length`` (400 ``invalid param``)."""
-    check_length(customer_id, policy.max_name_length)
-    check_length(name, policy.max_name_length)
-    check_length(avatar, policy.max_avatar_length)
-
-
-def check_same_app(appid: int, authenticated: int | None) -> None:
-    """One app's key never mints another app's tokens (spec S17/X2)."""
-    if authenticated is not None and authenticated != appid:
-        raise ParleyError(INVALID_APPID)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ from __future__ import annotations
 from shared.mongo import Database, ensure_indexes
 from shared.revlog import Versioned
 
-from .repository import INDEXES, Group, GroupsRepository, Member
+from .model import Group, Member
+from .repository import INDEXES, GroupsRepository
 
 __all__ = ["Group", "GroupsAdmin", "Member"]
 

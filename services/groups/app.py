@@ -39,14 +39,9 @@ from shared.web import (
     verifier_ctx,
 )
 
-from .domain import (
-    GroupsDomain,
-    LocalGroupDirectory,
-    MemberSpec,
-    check_own_settings,
-    snapshot,
-)
-from .repository import INDEXES, Group, GroupsRepository
+from .domain import GroupsDomain, LocalGroupDirectory, snapshot
+from .model import Group
+from .repository import INDEXES, GroupsRepository
 from .requests import (
     ClientMemberSettingsRequest,
     CreateGroupRequest,
@@ -55,6 +50,7 @@ from .requests import (
     parse_add_body,
     parse_remove_body,
 )
+from .rules import MemberSpec, check_own_settings
 
 log = structlog.get_logger("parley.groups")
 

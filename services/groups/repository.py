@@ -26,7 +26,6 @@ import contextlib
 from collections.abc import Sequence
 from datetime import datetime
 
-from pydantic import BaseModel, ConfigDict
 from pymongo import IndexModel
 from pymongo.errors import DuplicateKeyError
 
@@ -34,6 +33,8 @@ from shared.events import utcnow
 from shared.idblocks import IdBlocks
 from shared.mongo import Collection, Database, Document, by_ids
 from shared.revlog import Revision, RevLog, Versioned
+
+from .model import Group, Member
 
 LOG = "groups_log"
 MINE = "groups_mine"
@@ -48,42 +49,6 @@ INDEXES: dict[str, list[IndexModel]] = {}
 GID_BLOCK = 16
 GROUP_CACHE_SIZE = 10_000
 MIGRATED = "migrated:groups_groups"
-
-
-class Member(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    uid: int
-    ts: int
-    nickname: str | None = None
-    mute: bool = False
-    dnd: bool = False
-
-
-class Group(BaseModel):
-    """A live group as of ``revision``."""
-
-    model_config = ConfigDict(frozen=True)
-
-    appid: int
-    gid: int
-    master: int
-    name: str
-    notice: str
-    super: bool
-    revision: int
-    members: dict[int, Member]
-
-    @property
-    def uids(self) -> list[int]:
-        return sorted(self.members)
-
-    def is_member(self, uid: int) -> bool:
-        return uid in self.members
-
-    @property
-    def muted(self) -> list[int]:
-        return sorted(uid for uid, m in self.members.items() if m.mute)
 
 
 def group_key(appid: int, gid: int) -> str:

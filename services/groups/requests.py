@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict
 from shared.errors import NO_MEMBERS_TO_DELETE, InvalidParam, ParleyError
 from shared.ids import Flag, Id, IdOrZero, Text, parse_positive_id
 
-from .domain import Inviter, MemberSettings, MemberSpec, NewGroup
+from .rules import Inviter, MemberSettings, MemberSpec, NewGroup
 
 
 class CreateGroupRequest(BaseModel):

@@ -47,8 +47,9 @@ from shared.web import (
 )
 
 from .delivery_api import LocalMessageStore, delivery_handlers
-from .domain import CMD_CUSTOMER, MessagesDomain
+from .domain import MessagesDomain
 from .repository import INDEXES, Entry, MessagesRepository
+from .rules import CMD_CUSTOMER
 
 log = structlog.get_logger("parley.messages")
 

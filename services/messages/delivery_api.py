@@ -16,8 +16,9 @@ from shared.inboxes import DeliveryPost, InboxEntry, InboxPage, MessageStore, St
 from shared.jsonio import json_response
 from shared.logs import request_id_of
 
-from .domain import CMD_CUSTOMER, MessagesDomain
+from .domain import MessagesDomain
 from .repository import Entry, group_queue, user_inbox
+from .rules import CMD_CUSTOMER
 
 MAX_PAGE = 3000
 

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 from pymongo.errors import PyMongoError
@@ -40,20 +40,25 @@ from shared.events import (
 )
 from shared.internal import CustomerDirectory, GroupDirectory
 from shared.jsonio import dumps
-from shared.limits import check_count
 from shared.mongo import Document
 
 from .repository import Entry, MessagesRepository, Post, group_queue, keys_of, user_inbox
-from .rules import member_notifications, notification_for
+from .rules import (
+    CMD_CUSTOMER,
+    CMD_GROUP,
+    CMD_GROUP_NOTIFICATION,
+    CMD_PEER,
+    CMD_SYSTEM,
+    MessagePolicy,
+    check_content,
+    member_notifications,
+    notification_for,
+    store_messages,
+    system_receivers,
+)
 
 log = structlog.get_logger("parley.messages")
 
-# Wire-protocol command numbers of stored kinds (wire protocol §2.7).
-CMD_PEER = 4
-CMD_GROUP_NOTIFICATION = 7
-CMD_GROUP = 8
-CMD_SYSTEM = 21
-CMD_CUSTOMER = 64
 HISTORY_CMDS = (CMD_PEER, CMD_GROUP, CMD_CUSTOMER)
 HISTORY_LIMIT = 1024
 # Notifications of one member change are stored and announced in batches of this many posts,
@@ -64,52 +69,6 @@ GROUP_NO_MEMBER = "group no member"
 # A delivery server's inbox page: this many entries unless it asks for fewer (at most MAX).
 PAGE_DEFAULT = 1000
 PAGE_MAX = 3000
-
-
-class MessagePolicy(Protocol):
-    """The settings the messages domain decides with, each the ``PARLEY_*`` of its name
-    (``Settings`` is one)."""
-
-    @property
-    def max_content_bytes(self) -> int: ...
-    @property
-    def max_members_per_request(self) -> int: ...
-    @property
-    def disabled_app_ids(self) -> frozenset[int]: ...
-    @property
-    def kefu_appid(self) -> int: ...
-
-
-def check_content(policy: MessagePolicy, content: str) -> None:
-    """A message's content is at most ``max_content_bytes`` in UTF-8 (spec S11-S16)."""
-    if len(content.encode()) > policy.max_content_bytes:
-        raise InvalidParam()
-
-
-def system_receivers(
-    policy: MessagePolicy, receiver: int | None, receivers: Sequence[int]
-) -> list[int]:
-    """S13: ``receiver``, then ``receivers`` (at most ``max_members_per_request``); none at
-    all is 400 ``invalid param``."""
-    check_count(receivers, policy.max_members_per_request)
-    listed = ([receiver] if receiver is not None else []) + list(receivers)
-    if not listed:
-        raise InvalidParam()
-    return listed
-
-
-def store_messages(entries: list[Entry], kefu_appid: int, sellers: set[int]) -> list[Entry]:
-    """S20 ``?store=``: only customer-service messages (cmd 64) with an agent of the store, an
-    agent being a user of the customer-service app ``kefu_appid``."""
-    return [
-        e
-        for e in entries
-        if e.cmd == CMD_CUSTOMER
-        and (
-            (e.receiver_appid == kefu_appid and e.receiver in sellers)
-            or (e.sender_appid == kefu_appid and e.sender in sellers)
-        )
-    ]
 
 
 def new_msg_id() -> str:

@@ -1,11 +1,14 @@
 """The messages service's pure rules: which notification a group event stores, for whom
-(spec S6/S7). No storage and no I/O here; ``domain.py`` stores and announces what these return.
+(spec S6/S7); the content limit, S13's receivers, S20's store filter. No storage and no I/O
+here; ``domain.py`` stores and announces what these return.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
+from shared.errors import InvalidParam
 from shared.events import (
     AddedMember,
     GroupCreated,
@@ -21,6 +24,16 @@ from shared.events import (
     GroupUpgraded,
     RemovedMember,
 )
+from shared.limits import check_count
+
+from .repository import Entry
+
+# Wire-protocol command numbers of stored kinds (wire protocol §2.7).
+CMD_PEER = 4
+CMD_GROUP_NOTIFICATION = 7
+CMD_GROUP = 8
+CMD_SYSTEM = 21
+CMD_CUSTOMER = 64
 
 
 def notification_for(event: GroupEvent) -> tuple[dict[str, Any], list[int], bool] | None:
@@ -95,3 +108,49 @@ def member_notifications(
 
 def _with(members: list[int], uid: int) -> list[int]:
     return members if uid in members else sorted([*members, uid])
+
+
+class MessagePolicy(Protocol):
+    """The settings the messages domain decides with, each the ``PARLEY_*`` of its name
+    (``Settings`` is one)."""
+
+    @property
+    def max_content_bytes(self) -> int: ...
+    @property
+    def max_members_per_request(self) -> int: ...
+    @property
+    def disabled_app_ids(self) -> frozenset[int]: ...
+    @property
+    def kefu_appid(self) -> int: ...
+
+
+def check_content(policy: MessagePolicy, content: str) -> None:
+    """A message's content is at most ``max_content_bytes`` in UTF-8 (spec S11-S16)."""
+    if len(content.encode()) > policy.max_content_bytes:
+        raise InvalidParam()
+
+
+def system_receivers(
+    policy: MessagePolicy, receiver: int | None, receivers: Sequence[int]
+) -> list[int]:
+    """S13: ``receiver``, then ``receivers`` (at most ``max_members_per_request``); none at
+    all is 400 ``invalid param``."""
+    check_count(receivers, policy.max_members_per_request)
+    listed = ([receiver] if receiver is not None else []) + list(receivers)
+    if not listed:
+        raise InvalidParam()
+    return listed
+
+
+def store_messages(entries: list[Entry], kefu_appid: int, sellers: set[int]) -> list[Entry]:
+    """S20 ``?store=``: only customer-service messages (cmd 64) with an agent of the store, an
+    agent being a user of the customer-service app ``kefu_appid``."""
+    return [
+        e
+        for e in entries
+        if e.cmd == CMD_CUSTOMER
+        and (
+            (e.receiver_appid == kefu_appid and e.receiver in sellers)
+            or (e.sender_appid == kefu_appid and e.sender in sellers)
+        )
+    ]

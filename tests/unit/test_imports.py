@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCANNED = ("parley", "services", "tests")
 # A service's modules that only the service itself may import.
 PRIVATE = frozenset({"domain", "repository"})

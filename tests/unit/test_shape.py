@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from shared.routing import SERVICES
+
+ROOT = Path(__file__).resolve().parents[2]
 HANDLER_MODULES = sorted((ROOT / "services").glob("*/app.py"))
 FACTORY = "create_app"
 
@@ -85,6 +87,8 @@ def test_every_service_has_handlers_to_check() -> None:
     names = {p.parent.name for p in HANDLER_MODULES}
     assert {"auth", "customer", "groups", "messages"} <= names
     for path in HANDLER_MODULES:
+        if path.parent.name not in SERVICES:  # the delivery service serves no HTTP route
+            continue
         tree = ast.parse(path.read_text())
         handlers = [
             n for n in tree.body if isinstance(n, ast.AsyncFunctionDef) and n.name != FACTORY

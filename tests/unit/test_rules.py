@@ -11,8 +11,16 @@ from typing import Any
 import pytest
 
 from services.auth.app import SettingsRequest
-from services.customer.domain import check_profile, check_same_app
-from services.groups.domain import (
+from services.customer.rules import check_profile, check_same_app
+from services.groups.model import Group, Member
+from services.groups.requests import (
+    ClientMemberSettingsRequest,
+    CreateGroupRequest,
+    parse_add_body,
+    parse_member,
+    parse_remove_body,
+)
+from services.groups.rules import (
     CreationLimiter,
     Inviter,
     MemberSettings,
@@ -34,16 +42,8 @@ from services.groups.domain import (
     require_member,
     size_rule,
 )
-from services.groups.repository import Group, Member
-from services.groups.requests import (
-    ClientMemberSettingsRequest,
-    CreateGroupRequest,
-    parse_add_body,
-    parse_member,
-    parse_remove_body,
-)
-from services.messages.domain import CMD_CUSTOMER, check_content, store_messages, system_receivers
-from services.messages.repository import Entry
+from services.messages.admin import Entry
+from services.messages.rules import CMD_CUSTOMER, check_content, store_messages, system_receivers
 from shared.errors import (
     INVALID_APPID,
     INVALID_PARAM,
