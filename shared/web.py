@@ -2,7 +2,8 @@
 ``/healthz`` (alive), ``/readyz`` (what it needs answers), ``/metrics``, and its resources as
 ``cleanup_ctx`` generators reached through typed ``AppKey``s.
 
-A service's ``create_app(settings, deps)`` calls ``service_app`` and appends its own contexts.
+A service's ``create_app(settings, deps)`` calls ``service_app`` and appends ``service_steps``:
+the common contexts, then its own.
 ``Deps`` carries process-wide resources: the all-in-one runner fills one (one Mongo client,
 one bus, the auth service's in-process verifier) and hands it to every service; a service run
 alone (``parley serve``) gets an empty one and opens its own.
@@ -341,6 +342,23 @@ def verifier_ctx(deps: Deps) -> CleanupCtx:
                 await verifier.close()
 
     return ctx
+
+
+def service_steps(
+    deps: Deps,
+    service: str,
+    indexes: Mapping[str, Sequence[IndexModel]],
+    *own: CleanupCtx,
+    verify: bool = True,
+) -> list[CleanupCtx]:
+    """A service's startup steps: its database (with ``indexes``), the bus, the credential
+    checks (``verify=False`` for the service that is the verifier), then its ``own`` steps."""
+    return [
+        database_ctx(deps, indexes),
+        bus_ctx(deps, service),
+        *([verifier_ctx(deps)] if verify else []),
+        *own,
+    ]
 
 
 def outbox_ctx(revlogs: Callable[[web.Application], Sequence[RevLog]]) -> CleanupCtx:

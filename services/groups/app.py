@@ -32,11 +32,9 @@ from shared.web import (
     BUS,
     DB,
     Deps,
-    bus_ctx,
-    database_ctx,
     outbox_ctx,
     service_app,
-    verifier_ctx,
+    service_steps,
 )
 
 from .domain import GroupsDomain, LocalGroupDirectory, snapshot
@@ -413,14 +411,14 @@ def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
         yield
 
     app.cleanup_ctx.extend(
-        [
-            database_ctx(deps, INDEXES),
-            bus_ctx(deps, SERVICE),
-            verifier_ctx(deps),
+        service_steps(
+            deps,
+            SERVICE,
+            INDEXES,
             domain_ctx,
             consumers_ctx(*CONSUMERS),
             outbox_ctx(lambda app: [app[GROUPS].repo.log]),
-        ]
+        )
     )
     return app
 

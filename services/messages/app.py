@@ -39,11 +39,9 @@ from shared.web import (
     BUS,
     DB,
     Deps,
-    bus_ctx,
     cors_preflight,
-    database_ctx,
     service_app,
-    verifier_ctx,
+    service_steps,
 )
 
 from .delivery_api import LocalMessageStore, delivery_handlers
@@ -371,10 +369,10 @@ def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
             await repo.close()
 
     app.cleanup_ctx.extend(
-        [
-            database_ctx(deps, INDEXES),
-            bus_ctx(deps, SERVICE),
-            verifier_ctx(deps),
+        service_steps(
+            deps,
+            SERVICE,
+            INDEXES,
             resource_ctx(
                 GROUP_DIRECTORY,
                 lambda settings: HttpGroupDirectory(settings.groups_url, settings.internal_secret),
@@ -395,7 +393,7 @@ def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
                 lambda app: functools.partial(app[MESSAGES].recover, settings.outbox_grace),
                 lambda settings: settings.outbox_relay_interval,
             ),
-        ]
+        )
     )
     return app
 
