@@ -270,8 +270,11 @@ def readyz_handler(apps: Callable[[web.Request], list[web.Application]]) -> Hand
     return readyz
 
 
-def database_ctx(deps: Deps, indexes: Mapping[str, Sequence[IndexModel]]) -> CleanupCtx:
-    """The service's database (shared or its own client), with its indexes created."""
+def database_ctx(
+    deps: Deps, indexes: Mapping[str, Sequence[IndexModel]], *, share: bool = False
+) -> CleanupCtx:
+    """The service's database (shared or its own client), with its indexes created; with
+    ``share``, the one it opens is lent to the other services of the process (``deps.db``)."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         settings = app[SETTINGS]
@@ -281,6 +284,8 @@ def database_ctx(deps: Deps, indexes: Mapping[str, Sequence[IndexModel]]) -> Cle
         else:
             client = make_client(settings.mongo_url, timeout=settings.mongo_timeout)
             app[DB] = client[settings.mongo_db]
+            if share:
+                deps.db = app[DB]
         db = app[DB]
 
         async def mongodb() -> None:
@@ -297,26 +302,52 @@ def database_ctx(deps: Deps, indexes: Mapping[str, Sequence[IndexModel]]) -> Cle
     return ctx
 
 
-def bus_ctx(deps: Deps, service: str) -> CleanupCtx:
+def rabbit_bus(url: str, settings: Settings, connection_name: str) -> RabbitBus:
+    """The RabbitMQ bus at ``url``, as ``settings`` configure it."""
+    return RabbitBus(
+        url,
+        exchange=settings.amqp_exchange,
+        prefetch=settings.amqp_prefetch,
+        publish_timeout=settings.publish_timeout,
+        connection_name=connection_name,
+    )
+
+
+def own_rabbit_bus(service: str) -> Callable[[Settings], Bus]:
+    """A service run on its own: its RabbitMQ connection, which it cannot run without."""
+
+    def open_bus(settings: Settings) -> Bus:
+        if not settings.amqp_url:
+            raise RuntimeError("PARLEY_AMQP_URL is required to run a service on its own")
+        return rabbit_bus(settings.amqp_url, settings, f"parley-{service}")
+
+    return open_bus
+
+
+def bus_ctx(
+    deps: Deps,
+    service: str,
+    open_bus: Callable[[Settings], Bus] | None = None,
+    *,
+    share: bool = False,
+) -> CleanupCtx:
+    """The process's bus when ``deps`` has one, else one opened with ``open_bus`` (by default
+    the service's own RabbitMQ connection), started, and closed at cleanup; with ``share``,
+    the one it opens is lent to the other services of the process (``deps.bus``)."""
+    opener = open_bus or own_rabbit_bus(service)
+
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         if deps.bus is not None:
             app[BUS] = deps.bus
             app[READY_CHECKS].update(deps.bus.ready_checks())
             yield
             return
-        settings = app[SETTINGS]
-        if not settings.amqp_url:
-            raise RuntimeError("PARLEY_AMQP_URL is required to run a service on its own")
-        bus = RabbitBus(
-            settings.amqp_url,
-            exchange=settings.amqp_exchange,
-            prefetch=settings.amqp_prefetch,
-            publish_timeout=settings.publish_timeout,
-            connection_name=f"parley-{service}",
-        )
+        bus = opener(app[SETTINGS])
         try:
             await bus.start()  # a start that fails halfway closes what it opened below
             app[BUS] = bus
+            if share:
+                deps.bus = bus
             app[READY_CHECKS].update(bus.ready_checks())
             yield
         finally:
