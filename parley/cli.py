@@ -316,7 +316,8 @@ def _cost_meter(args: argparse.Namespace) -> CostMeter | None:
     ``--watch-port NAME=PORT``; by
     default whatever listens on the bench URL's port (``parley``) and, when it is local, on
     the store's port (``store``)."""
-    from parley.benchcost import listeners, process_name
+    from parley.benchcost import process_name
+    from parley.servers import listeners
 
     pids: dict[str, int] = {}
     for spec in args.watch:
