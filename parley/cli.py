@@ -13,9 +13,9 @@ import json
 import signal
 import sys
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -28,7 +28,7 @@ from services.customer.admin import CustomerAdmin
 from shared.errors import ParleyError, store_unavailable
 from shared.gateway import render_ingress, render_nginx
 from shared.logs import configure_logging
-from shared.mongo import make_client
+from shared.mongo import Database, make_client
 from shared.routing import ROUTES, SERVICES
 from shared.server import Listening, run_app
 from shared.settings import (
@@ -441,6 +441,8 @@ def cmd_deploy_config(args: argparse.Namespace) -> int:
 
 # ---- parley app ---------------------------------------------------------------------------
 
+T = TypeVar("T")
+
 
 def _unreachable(command: str, settings: Settings, exc: BaseException) -> int:
     """One line for a store that does not answer, instead of the driver's report."""
@@ -461,16 +463,24 @@ def md5_credential(appid: int, secret: str) -> str:
     return f"{appid}:{hashlib.md5(secret.encode()).hexdigest()}"
 
 
-async def _with_auth(settings: Settings, action: str, name: str | None) -> Any:
+async def _on_database(settings: Settings, work: Callable[[Database], Awaitable[T]]) -> T:
+    """``work`` on the configured database, through a client of its own closed after it."""
     client = make_client(settings.mongo_url, timeout=MANAGEMENT_TIMEOUT)
     try:
-        auth = AuthAdmin(client[settings.mongo_db], settings)
+        return await work(client[settings.mongo_db])
+    finally:
+        await client.close()
+
+
+async def _with_auth(settings: Settings, action: str, name: str | None) -> Any:
+    async def work(db: Database) -> Any:
+        auth = AuthAdmin(db, settings)
         await auth.prepare()
         if action == "create":
             return await auth.create_app(name or "")
         return await auth.list_apps()
-    finally:
-        await client.close()
+
+    return await _on_database(settings, work)
 
 
 def cmd_app(args: argparse.Namespace) -> int:
@@ -503,9 +513,7 @@ def cmd_app(args: argparse.Namespace) -> int:
 
 
 async def _store_action(settings: Settings, args: argparse.Namespace) -> dict[str, int]:
-    client = make_client(settings.mongo_url, timeout=MANAGEMENT_TIMEOUT)
-    try:
-        db = client[settings.mongo_db]
+    async def work(db: Database) -> dict[str, int]:
         customer = CustomerAdmin(db, settings)
         await customer.prepare()
         if args.action == "create":
@@ -516,8 +524,8 @@ async def _store_action(settings: Settings, args: argparse.Namespace) -> dict[st
             return {"store_id": await customer.create_store(args.app, args.name)}
         appid = await customer.app_of_store(args.store)
         return {"seller_id": await customer.add_agent(appid, args.store, args.name)}
-    finally:
-        await client.close()
+
+    return await _on_database(settings, work)
 
 
 def cmd_store(args: argparse.Namespace) -> int:
