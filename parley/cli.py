@@ -577,6 +577,20 @@ def _sub(sub: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
     return parser
 
 
+def _add_embedded_store_options(parser: argparse.ArgumentParser, whose: str) -> None:
+    """The options of the FerretDB a command starts (``whose``: how its help names it)."""
+    parser.add_argument(
+        "--embedded-mongo-addr", default=EMBEDDED_MONGO_ADDR, help=f"where {whose} FerretDB listens"
+    )
+    parser.add_argument("--local-store", choices=LOCAL_STORES, default=None, help=LOCAL_STORE_HELP)
+    parser.add_argument(
+        "--ferretdb-postgresql-url",
+        default=None,
+        help=f"store {whose} FerretDB's data in this existing PostgreSQL database instead "
+        "(default: as --local-store says)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="parley", description=__doc__, formatter_class=DefaultsFormatter
@@ -599,23 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="use RabbitMQ instead of the in-process bus (default: $PARLEY_AMQP_URL, or the "
         "in-process bus)",
     )
-    run.add_argument(
-        "--embedded-mongo-addr",
-        default=EMBEDDED_MONGO_ADDR,
-        help="where the embedded FerretDB listens",
-    )
-    run.add_argument(
-        "--local-store",
-        choices=LOCAL_STORES,
-        default=None,
-        help=LOCAL_STORE_HELP,
-    )
-    run.add_argument(
-        "--ferretdb-postgresql-url",
-        default=None,
-        help="store the embedded FerretDB's data in this existing PostgreSQL database instead "
-        "(default: as --local-store says)",
-    )
+    _add_embedded_store_options(run, "the embedded")
     run.set_defaults(func=cmd_run)
 
     serve = _sub(sub, "serve", help="run one service")
@@ -671,16 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument(
         "--amqp-url", default=None, help="use this RabbitMQ (default: its own RabbitMQ node)"
     )
-    cluster.add_argument(
-        "--embedded-mongo-addr", default=EMBEDDED_MONGO_ADDR, help="where its FerretDB listens"
-    )
-    cluster.add_argument("--local-store", choices=LOCAL_STORES, default=None, help=LOCAL_STORE_HELP)
-    cluster.add_argument(
-        "--ferretdb-postgresql-url",
-        default=None,
-        help="its FerretDB's data in this existing PostgreSQL database instead "
-        "(default: as --local-store says)",
-    )
+    _add_embedded_store_options(cluster, "its")
     cluster.set_defaults(func=cmd_cluster)
 
     bench = _sub(sub, "bench", help="load through the edge; requests/s, latency, event lag")
