@@ -19,21 +19,20 @@ from services.customer.app import SPEC as CUSTOMER
 from services.delivery.app import SPEC as DELIVERY
 from services.groups.app import SPEC as GROUPS
 from services.messages.app import SPEC as MESSAGES
-from shared.bus import Bus, LocalBus, RabbitBus
+from shared.bus import Bus, LocalBus
 from shared.lifecycle import ServiceSpec, check_provided, start_order
-from shared.mongo import make_client, ping
 from shared.routing import path_regex, service_paths
 from shared.settings import Settings
 from shared.web import (
-    BUS,
-    DB,
     READY_CHECKS,
-    READY_TIMEOUT,
     SETTINGS,
     Deps,
     ReadyCheck,
     add_operations_routes,
+    bus_ctx,
+    database_ctx,
     operations_middlewares,
+    rabbit_bus,
 )
 
 # The services. Each declares the in-process APIs it provides and uses (auth: credentials and
@@ -66,15 +65,7 @@ class TableRule(AbstractRuleMatching):
 
 
 def make_bus(settings: Settings, name: str = "parley") -> Bus:
-    if settings.amqp_url:
-        return RabbitBus(
-            settings.amqp_url,
-            exchange=settings.amqp_exchange,
-            prefetch=settings.amqp_prefetch,
-            publish_timeout=settings.publish_timeout,
-            connection_name=name,
-        )
-    return LocalBus()
+    return rabbit_bus(settings.amqp_url, settings, name) if settings.amqp_url else LocalBus()
 
 
 def create_allinone_app(
@@ -89,38 +80,6 @@ def create_allinone_app(
     edge = web.Application(middlewares=operations_middlewares("edge", settings))
     edge[SETTINGS] = settings
     edge[READY_CHECKS] = dict(ready_checks or {})
-
-    async def shared_database(app: web.Application) -> AsyncIterator[None]:
-        client = None
-        if deps.db is None:
-            client = make_client(settings.mongo_url, timeout=settings.mongo_timeout)
-            deps.db = client[settings.mongo_db]
-        db = app[DB] = deps.db
-
-        async def mongodb() -> None:
-            await ping(db, READY_TIMEOUT)
-
-        app[READY_CHECKS]["mongodb"] = mongodb
-        try:
-            yield
-        finally:
-            if client is not None:
-                await client.close()
-
-    async def shared_bus(app: web.Application) -> AsyncIterator[None]:
-        if deps.bus is not None:
-            app[BUS] = deps.bus
-            app[READY_CHECKS].update(deps.bus.ready_checks())
-            yield
-            return
-        bus = make_bus(settings, "parley-all-in-one")
-        try:
-            await bus.start()  # a start that fails halfway closes what it opened below
-            deps.bus = app[BUS] = bus
-            app[READY_CHECKS].update(bus.ready_checks())
-            yield
-        finally:
-            await bus.close()
 
     services = [(spec, spec(settings, deps)) for spec in start_order(factories.values())]
     add_operations_routes(edge, lambda request: [edge, *(s for _, s in services)])
@@ -143,5 +102,16 @@ def create_allinone_app(
                 await service.shutdown()
                 await service.cleanup()
 
-    edge.cleanup_ctx.extend([shared_database, shared_bus, run_services])
+    edge.cleanup_ctx.extend(
+        [
+            database_ctx(deps, {}, share=True),
+            bus_ctx(
+                deps,
+                "all-in-one",
+                lambda settings: make_bus(settings, "parley-all-in-one"),
+                share=True,
+            ),
+            run_services,
+        ]
+    )
     return edge

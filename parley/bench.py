@@ -124,6 +124,10 @@ class Bench:
             body = await resp.read()
             return resp.status, body
 
+    async def server_call(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+        """``call`` with the bench app's server credentials (scheme A)."""
+        return await self.call(method, path, headers=self.server, **kwargs)
+
     async def on_event(self, event: Event) -> None:
         if event.appid != self.appid:
             return
@@ -216,31 +220,24 @@ class Bench:
         if {"history", "offline", "grant", "regrant"} & set(families):
             for uid in range(1, 201):
                 self.note(f"granting tokens {uid}/200", done=uid == 200)
-                status, body = await self.call(
-                    "POST",
-                    "/auth/grant",
-                    json={"uid": uid, "user_name": f"u{uid}"},
-                    headers=self.server,
+                status, body = await self.server_call(
+                    "POST", "/auth/grant", json={"uid": uid, "user_name": f"u{uid}"}
                 )
                 if status != 200:
                     raise RuntimeError(f"cannot grant tokens: {status} {body[:200]!r}")
                 state["tokens"].append(json.loads(body)["data"]["token"])
         if "group" in families:
             self.note(f"creating a {GROUP_SIZE}-member group")
-            status, body = await self.call(
+            status, body = await self.server_call(
                 "POST",
                 "/groups",
                 json={"master": 1, "name": "bench", "members": list(range(1, GROUP_SIZE + 1))},
-                headers=self.server,
             )
             state["big_group"] = json.loads(body)["data"]["group_id"]
             self.groups.append(state["big_group"])
         if "groups" in families:
-            status, body = await self.call(
-                "POST",
-                "/groups",
-                json={"master": 1, "name": "churn", "members": [1, 2]},
-                headers=self.server,
+            status, body = await self.server_call(
+                "POST", "/groups", json={"master": 1, "name": "churn", "members": [1, 2]}
             )
             state["churn_group"] = json.loads(body)["data"]["group_id"]
             self.groups.append(state["churn_group"])
@@ -249,22 +246,18 @@ class Bench:
             state["add_groups"] = []
             for w in range(self.concurrency):
                 self.note(f"creating groups to add members to {w + 1}/{self.concurrency}")
-                status, body = await self.call(
-                    "POST",
-                    "/groups",
-                    json={"master": 1, "name": f"add {w}", "members": [1]},
-                    headers=self.server,
+                status, body = await self.server_call(
+                    "POST", "/groups", json={"master": 1, "name": f"add {w}", "members": [1]}
                 )
                 state["add_groups"].append(json.loads(body)["data"]["group_id"])
                 self.groups.append(state["add_groups"][-1])
         if {"history", "offline"} & set(families):
             for n in range(100):  # something to read
                 self.note(f"posting messages to read {n + 1}/100", done=n == 99)
-                await self.call(
+                await self.server_call(
                     "POST",
                     "/messages/peers",
                     json={"sender": 2, "receiver": 1 + n % 200, "content": f"history {n}"},
-                    headers=self.server,
                 )
         return state
 
@@ -316,11 +309,8 @@ class Bench:
 
             async def one(w: int, n: int) -> tuple[int, str | None]:
                 uid = 1 + n % 200
-                status, _ = await self.call(
-                    "POST",
-                    "/auth/grant",
-                    json={"uid": uid, "user_name": f"{tag}{n}"},
-                    headers=self.server,
+                status, _ = await self.server_call(
+                    "POST", "/auth/grant", json={"uid": uid, "user_name": f"{tag}{n}"}
                 )
                 return status, f"grant:{uid}:{tag}{n}"
 
@@ -328,11 +318,8 @@ class Bench:
 
             async def one(w: int, n: int) -> tuple[int, str | None]:
                 uid = 1 + n % 200
-                status, _ = await self.call(
-                    "POST",
-                    "/auth/grant",
-                    json={"uid": uid, "user_name": f"u{uid}"},
-                    headers=self.server,
+                status, _ = await self.server_call(
+                    "POST", "/auth/grant", json={"uid": uid, "user_name": f"u{uid}"}
                 )
                 return status, None
 
@@ -342,20 +329,18 @@ class Bench:
             async def one(w: int, n: int) -> tuple[int, str | None]:
                 member = 1000 + w
                 if n % 2 == 0:
-                    status, _ = await self.call(
-                        "POST", f"/groups/{gid}/members", json=[member], headers=self.server
+                    status, _ = await self.server_call(
+                        "POST", f"/groups/{gid}/members", json=[member]
                     )
                 else:
-                    status, _ = await self.call(
-                        "DELETE", f"/groups/{gid}/members/{member}", headers=self.server
-                    )
+                    status, _ = await self.server_call("DELETE", f"/groups/{gid}/members/{member}")
                 return status, None
 
         elif name == "peer":
 
             async def one(w: int, n: int) -> tuple[int, str | None]:
                 content = f"peer:{tag}:{n}"
-                status, _ = await self.call(
+                status, _ = await self.server_call(
                     "POST",
                     "/messages/peers",
                     json={
@@ -363,7 +348,6 @@ class Bench:
                         "receiver": 1 + (n * 7919) % 100_000,
                         "content": content,
                     },
-                    headers=self.server,
                 )
                 return status, content
 
@@ -372,11 +356,10 @@ class Bench:
 
             async def one(w: int, n: int) -> tuple[int, str | None]:
                 content = f"group:{tag}:{n}"
-                status, _ = await self.call(
+                status, _ = await self.server_call(
                     "POST",
                     "/messages/groups",
                     json={"sender": 1, "receiver": gid, "content": content},
-                    headers=self.server,
                 )
                 return status, content
 
@@ -384,8 +367,8 @@ class Bench:
             groups = state["add_groups"]
 
             async def one(w: int, n: int) -> tuple[int, str | None]:
-                status, _ = await self.call(
-                    "POST", f"/groups/{groups[w]}/members", json=[10_000 + n], headers=self.server
+                status, _ = await self.server_call(
+                    "POST", f"/groups/{groups[w]}/members", json=[10_000 + n]
                 )
                 return status, None
 
@@ -393,7 +376,7 @@ class Bench:
 
             async def one(w: int, n: int) -> tuple[int, str | None]:
                 first = 1 + n % 190
-                status, body = await self.call(
+                status, body = await self.server_call(
                     "POST",
                     "/groups",
                     json={
@@ -401,7 +384,6 @@ class Bench:
                         "name": f"{tag}{n}",
                         "members": list(range(first, first + CREATE_SIZE)),
                     },
-                    headers=self.server,
                 )
                 if status == 200:
                     self.groups.append(json.loads(body)["data"]["group_id"])

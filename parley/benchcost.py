@@ -53,33 +53,6 @@ def _stat(pid: int) -> list[str]:
     return stat[stat.rindex(")") + 2 :].split()
 
 
-def listeners(port: int) -> list[int]:
-    """The processes holding a listening TCP socket on ``port`` (IPv4 or IPv6)."""
-    inodes: set[str] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            parts = line.split()
-            if parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == port:
-                inodes.add(parts[9])
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            for fd in (proc / "fd").iterdir():
-                target = os.readlink(fd)
-                if target.startswith("socket:[") and target[8:-1] in inodes:
-                    pids.append(int(proc.name))
-                    break
-        except OSError:
-            continue
-    return sorted(pids)
-
-
 def process_name(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/comm").read_text().strip()

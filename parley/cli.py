@@ -13,9 +13,9 @@ import json
 import signal
 import sys
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -28,7 +28,7 @@ from services.customer.admin import CustomerAdmin
 from shared.errors import ParleyError, store_unavailable
 from shared.gateway import render_ingress, render_nginx
 from shared.logs import configure_logging
-from shared.mongo import make_client
+from shared.mongo import Database, make_client
 from shared.routing import ROUTES, SERVICES
 from shared.server import Listening, run_app
 from shared.settings import (
@@ -316,7 +316,8 @@ def _cost_meter(args: argparse.Namespace) -> CostMeter | None:
     ``--watch-port NAME=PORT``; by
     default whatever listens on the bench URL's port (``parley``) and, when it is local, on
     the store's port (``store``)."""
-    from parley.benchcost import listeners, process_name
+    from parley.benchcost import process_name
+    from parley.servers import listeners
 
     pids: dict[str, int] = {}
     for spec in args.watch:
@@ -440,6 +441,8 @@ def cmd_deploy_config(args: argparse.Namespace) -> int:
 
 # ---- parley app ---------------------------------------------------------------------------
 
+T = TypeVar("T")
+
 
 def _unreachable(command: str, settings: Settings, exc: BaseException) -> int:
     """One line for a store that does not answer, instead of the driver's report."""
@@ -460,16 +463,24 @@ def md5_credential(appid: int, secret: str) -> str:
     return f"{appid}:{hashlib.md5(secret.encode()).hexdigest()}"
 
 
-async def _with_auth(settings: Settings, action: str, name: str | None) -> Any:
+async def _on_database(settings: Settings, work: Callable[[Database], Awaitable[T]]) -> T:
+    """``work`` on the configured database, through a client of its own closed after it."""
     client = make_client(settings.mongo_url, timeout=MANAGEMENT_TIMEOUT)
     try:
-        auth = AuthAdmin(client[settings.mongo_db], settings)
+        return await work(client[settings.mongo_db])
+    finally:
+        await client.close()
+
+
+async def _with_auth(settings: Settings, action: str, name: str | None) -> Any:
+    async def work(db: Database) -> Any:
+        auth = AuthAdmin(db, settings)
         await auth.prepare()
         if action == "create":
             return await auth.create_app(name or "")
         return await auth.list_apps()
-    finally:
-        await client.close()
+
+    return await _on_database(settings, work)
 
 
 def cmd_app(args: argparse.Namespace) -> int:
@@ -502,9 +513,7 @@ def cmd_app(args: argparse.Namespace) -> int:
 
 
 async def _store_action(settings: Settings, args: argparse.Namespace) -> dict[str, int]:
-    client = make_client(settings.mongo_url, timeout=MANAGEMENT_TIMEOUT)
-    try:
-        db = client[settings.mongo_db]
+    async def work(db: Database) -> dict[str, int]:
         customer = CustomerAdmin(db, settings)
         await customer.prepare()
         if args.action == "create":
@@ -515,8 +524,8 @@ async def _store_action(settings: Settings, args: argparse.Namespace) -> dict[st
             return {"store_id": await customer.create_store(args.app, args.name)}
         appid = await customer.app_of_store(args.store)
         return {"seller_id": await customer.add_agent(appid, args.store, args.name)}
-    finally:
-        await client.close()
+
+    return await _on_database(settings, work)
 
 
 def cmd_store(args: argparse.Namespace) -> int:
@@ -568,6 +577,20 @@ def _sub(sub: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
     return parser
 
 
+def _add_embedded_store_options(parser: argparse.ArgumentParser, whose: str) -> None:
+    """The options of the FerretDB a command starts (``whose``: how its help names it)."""
+    parser.add_argument(
+        "--embedded-mongo-addr", default=EMBEDDED_MONGO_ADDR, help=f"where {whose} FerretDB listens"
+    )
+    parser.add_argument("--local-store", choices=LOCAL_STORES, default=None, help=LOCAL_STORE_HELP)
+    parser.add_argument(
+        "--ferretdb-postgresql-url",
+        default=None,
+        help=f"store {whose} FerretDB's data in this existing PostgreSQL database instead "
+        "(default: as --local-store says)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="parley", description=__doc__, formatter_class=DefaultsFormatter
@@ -590,23 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="use RabbitMQ instead of the in-process bus (default: $PARLEY_AMQP_URL, or the "
         "in-process bus)",
     )
-    run.add_argument(
-        "--embedded-mongo-addr",
-        default=EMBEDDED_MONGO_ADDR,
-        help="where the embedded FerretDB listens",
-    )
-    run.add_argument(
-        "--local-store",
-        choices=LOCAL_STORES,
-        default=None,
-        help=LOCAL_STORE_HELP,
-    )
-    run.add_argument(
-        "--ferretdb-postgresql-url",
-        default=None,
-        help="store the embedded FerretDB's data in this existing PostgreSQL database instead "
-        "(default: as --local-store says)",
-    )
+    _add_embedded_store_options(run, "the embedded")
     run.set_defaults(func=cmd_run)
 
     serve = _sub(sub, "serve", help="run one service")
@@ -662,16 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument(
         "--amqp-url", default=None, help="use this RabbitMQ (default: its own RabbitMQ node)"
     )
-    cluster.add_argument(
-        "--embedded-mongo-addr", default=EMBEDDED_MONGO_ADDR, help="where its FerretDB listens"
-    )
-    cluster.add_argument("--local-store", choices=LOCAL_STORES, default=None, help=LOCAL_STORE_HELP)
-    cluster.add_argument(
-        "--ferretdb-postgresql-url",
-        default=None,
-        help="its FerretDB's data in this existing PostgreSQL database instead "
-        "(default: as --local-store says)",
-    )
+    _add_embedded_store_options(cluster, "its")
     cluster.set_defaults(func=cmd_cluster)
 
     bench = _sub(sub, "bench", help="load through the edge; requests/s, latency, event lag")

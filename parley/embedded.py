@@ -12,7 +12,6 @@ it. The children die with ``parley run`` even when that is killed with SIGKILL (
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import time
@@ -30,6 +29,7 @@ from parley.servers import (
     wait_ferretdb,
     wait_postgres,
 )
+from shared.lifecycle import running
 from shared.metrics import STORE_RESTARTS
 
 log = structlog.get_logger("parley.embedded")
@@ -155,10 +155,5 @@ class EmbeddedStore:
 
     async def supervise_ctx(self, app: web.Application) -> AsyncIterator[None]:
         """A ``cleanup_ctx``: watches the store while the app runs."""
-        task = asyncio.create_task(self.watch(), name="embedded-store")
-        try:
+        async with running(self.watch(), "embedded-store"):
             yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task

@@ -535,9 +535,9 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes:
     return data
 
 
-def port_holder(port: int) -> tuple[int, str] | None:
-    """(PID, command line) of the process listening on TCP ``port``, from ``/proc`` (None when
-    it cannot be seen: another user's process, or not Linux)."""
+def listeners(port: int) -> list[int]:
+    """The PIDs holding a listening TCP socket on ``port`` (IPv4 or IPv6), from ``/proc``:
+    those this user may see (none when not Linux)."""
     inodes: set[str] = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -550,20 +550,30 @@ def port_holder(port: int) -> tuple[int, str] | None:
             if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":")[1], 16) == port:
                 inodes.add(fields[9])
     if not inodes:
-        return None
+        return []
     wanted = {f"socket:[{inode}]" for inode in inodes}
+    pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            for fd in (proc / "fd").iterdir():
-                if os.readlink(fd) in wanted:
-                    raw = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
-                    words = raw.decode(errors="replace").split()
-                    cmdline = " ".join(words)
-                    return int(proc.name), cmdline[:100] + ("..." if len(cmdline) > 100 else "")
+            if any(os.readlink(fd) in wanted for fd in (proc / "fd").iterdir()):
+                pids.append(int(proc.name))
         except OSError:
             continue
+    return sorted(pids)
+
+
+def port_holder(port: int) -> tuple[int, str] | None:
+    """(PID, command line) of a process listening on TCP ``port``, from ``/proc`` (None when
+    it cannot be seen: another user's process, or not Linux)."""
+    for pid in listeners(port):
+        try:
+            raw = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        cmdline = " ".join(raw.decode(errors="replace").split())
+        return pid, cmdline[:100] + ("..." if len(cmdline) > 100 else "")
     return None
 
 

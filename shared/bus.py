@@ -179,6 +179,21 @@ class _RabbitSubscription(Subscription):
             await self._channel.close()
 
 
+async def _declare_capped_sink(
+    channel: AbstractChannel, queue: str, max_length: int, exchange: str | None = None
+) -> None:
+    """A durable fanout exchange (named ``exchange``, or like the queue) bound to a durable
+    queue that keeps its newest ``max_length`` messages: where unrouted and dead-lettered
+    messages are kept for a look."""
+    fanout = await channel.declare_exchange(
+        exchange or queue, aio_pika.ExchangeType.FANOUT, durable=True
+    )
+    sink = await channel.declare_queue(
+        queue, durable=True, arguments={"x-max-length": max_length, "x-overflow": "drop-head"}
+    )
+    await sink.bind(fanout)
+
+
 class RabbitBus(Bus):
     def __init__(
         self,
@@ -220,24 +235,10 @@ class RabbitBus(Bus):
         self._exchange = await self._declare_topology(self._channel)
 
     async def _declare_topology(self, channel: AbstractChannel) -> AbstractExchange:
-        unrouted = await channel.declare_exchange(
-            self.unrouted_queue, aio_pika.ExchangeType.FANOUT, durable=True
+        await _declare_capped_sink(channel, self.unrouted_queue, UNROUTED_MAX)
+        await _declare_capped_sink(
+            channel, self.dead_letter_queue, DEAD_MAX, self.dead_letter_exchange
         )
-        unrouted_queue = await channel.declare_queue(
-            self.unrouted_queue,
-            durable=True,
-            arguments={"x-max-length": UNROUTED_MAX, "x-overflow": "drop-head"},
-        )
-        await unrouted_queue.bind(unrouted)
-        dlx = await channel.declare_exchange(
-            self.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True
-        )
-        dead = await channel.declare_queue(
-            self.dead_letter_queue,
-            durable=True,
-            arguments={"x-max-length": DEAD_MAX, "x-overflow": "drop-head"},
-        )
-        await dead.bind(dlx)
         return await channel.declare_exchange(
             self._exchange_name,
             aio_pika.ExchangeType.TOPIC,

@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from shared.errors import ParleyError
-from shared.internal import InternalClient
+from shared.internal import OverInternalApi
 
 
 class InboxEntry(BaseModel):
@@ -87,10 +87,7 @@ class MessageStore(abc.ABC):
         return None
 
 
-class HttpMessageStore(MessageStore):
-    def __init__(self, base_url: str, secret: str = "") -> None:
-        self._client = InternalClient(base_url, secret=secret)
-
+class HttpMessageStore(OverInternalApi, MessageStore):
     async def page(self, appid: int, uid: int, gid: int, after: int, limit: int) -> InboxPage:
         params = {"appid": str(appid), "uid": str(uid), "after": str(after), "limit": str(limit)}
         if gid:
@@ -118,6 +115,3 @@ class HttpMessageStore(MessageStore):
         if status != 200:
             raise ParleyError("messages service unavailable", status=503)
         return Stored.model_validate(body)
-
-    async def close(self) -> None:
-        await self._client.close()

@@ -64,6 +64,17 @@ def _extra(body: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in body.items() if k != "meta"}
 
 
+class OverInternalApi:
+    """The base of an interface answered by another service's internal API at ``base_url``:
+    one client, closed with it."""
+
+    def __init__(self, base_url: str, secret: str = "") -> None:
+        self._client = InternalClient(base_url, secret=secret)
+
+    async def close(self) -> None:
+        await self._client.close()
+
+
 # ---- groups --------------------------------------------------------------------------------
 
 
@@ -91,10 +102,7 @@ class GroupDirectory(abc.ABC):
         return None
 
 
-class HttpGroupDirectory(GroupDirectory):
-    def __init__(self, base_url: str, secret: str = "") -> None:
-        self._client = InternalClient(base_url, secret=secret)
-
+class HttpGroupDirectory(OverInternalApi, GroupDirectory):
     async def get_group(
         self, appid: int, gid: int, revision: int | None = None
     ) -> GroupSnapshot | None:
@@ -103,9 +111,6 @@ class HttpGroupDirectory(GroupDirectory):
             params["revision"] = str(revision)
         status, body = await self._client.call("GET", f"/internal/groups/{gid}", params=params)
         return GroupSnapshot.model_validate(body) if status == 200 else None
-
-    async def close(self) -> None:
-        await self._client.close()
 
 
 # ---- customers -----------------------------------------------------------------------------
@@ -124,10 +129,7 @@ class CustomerDirectory(abc.ABC):
         return None
 
 
-class HttpCustomerDirectory(CustomerDirectory):
-    def __init__(self, base_url: str, secret: str = "") -> None:
-        self._client = InternalClient(base_url, secret=secret)
-
+class HttpCustomerDirectory(OverInternalApi, CustomerDirectory):
     async def client_id(self, appid: int, customer_id: str) -> int | None:
         status, body = await self._client.call(
             "GET", "/internal/customers", params={"appid": str(appid), "customer_id": customer_id}
@@ -139,9 +141,6 @@ class HttpCustomerDirectory(CustomerDirectory):
             "GET", f"/internal/stores/{store_id}/sellers", params={"appid": str(appid)}
         )
         return [int(s) for s in body["sellers"]] if status == 200 else []
-
-    async def close(self) -> None:
-        await self._client.close()
 
 
 # ---- tokens --------------------------------------------------------------------------------
@@ -164,10 +163,7 @@ class TokenIssuer(abc.ABC):
         return None
 
 
-class HttpTokenIssuer(TokenIssuer):
-    def __init__(self, base_url: str, secret: str = "") -> None:
-        self._client = InternalClient(base_url, secret=secret)
-
+class HttpTokenIssuer(OverInternalApi, TokenIssuer):
     async def customer_token(
         self, appid: int, uid: int, name: str | None, avatar: str | None
     ) -> str:
@@ -181,6 +177,3 @@ class HttpTokenIssuer(TokenIssuer):
         if status != 200:
             raise ParleyError("service unavailable", status=503)
         return str(body["token"])
-
-    async def close(self) -> None:
-        await self._client.close()

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
-from typing import Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import structlog
 from aiohttp import web
@@ -151,15 +151,22 @@ def periodic_ctx(
     task named ``name``; a pass that fails is logged with its traceback and the next retries."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        task = asyncio.create_task(run_every(interval(app[SETTINGS]), step(app), name), name=name)
-        try:
+        async with running(run_every(interval(app[SETTINGS]), step(app), name), name):
             yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
     return ctx
+
+
+@contextlib.asynccontextmanager
+async def running(work: Coroutine[Any, Any, object], name: str) -> AsyncIterator[None]:
+    """Runs ``work`` as a task named ``name`` for the block; then cancels it and waits for it."""
+    task = asyncio.create_task(work, name=name)
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 # ---- services of one process --------------------------------------------------------------

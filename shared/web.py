@@ -2,7 +2,8 @@
 ``/healthz`` (alive), ``/readyz`` (what it needs answers), ``/metrics``, and its resources as
 ``cleanup_ctx`` generators reached through typed ``AppKey``s.
 
-A service's ``create_app(settings, deps)`` calls ``service_app`` and appends its own contexts.
+A service's ``create_app(settings, deps)`` calls ``service_app`` and appends ``service_steps``:
+the common contexts, then its own.
 ``Deps`` carries process-wide resources: the all-in-one runner fills one (one Mongo client,
 one bus, the auth service's in-process verifier) and hands it to every service; a service run
 alone (``parley serve``) gets an empty one and opens its own.
@@ -269,8 +270,11 @@ def readyz_handler(apps: Callable[[web.Request], list[web.Application]]) -> Hand
     return readyz
 
 
-def database_ctx(deps: Deps, indexes: Mapping[str, Sequence[IndexModel]]) -> CleanupCtx:
-    """The service's database (shared or its own client), with its indexes created."""
+def database_ctx(
+    deps: Deps, indexes: Mapping[str, Sequence[IndexModel]], *, share: bool = False
+) -> CleanupCtx:
+    """The service's database (shared or its own client), with its indexes created; with
+    ``share``, the one it opens is lent to the other services of the process (``deps.db``)."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         settings = app[SETTINGS]
@@ -280,6 +284,8 @@ def database_ctx(deps: Deps, indexes: Mapping[str, Sequence[IndexModel]]) -> Cle
         else:
             client = make_client(settings.mongo_url, timeout=settings.mongo_timeout)
             app[DB] = client[settings.mongo_db]
+            if share:
+                deps.db = app[DB]
         db = app[DB]
 
         async def mongodb() -> None:
@@ -296,26 +302,52 @@ def database_ctx(deps: Deps, indexes: Mapping[str, Sequence[IndexModel]]) -> Cle
     return ctx
 
 
-def bus_ctx(deps: Deps, service: str) -> CleanupCtx:
+def rabbit_bus(url: str, settings: Settings, connection_name: str) -> RabbitBus:
+    """The RabbitMQ bus at ``url``, as ``settings`` configure it."""
+    return RabbitBus(
+        url,
+        exchange=settings.amqp_exchange,
+        prefetch=settings.amqp_prefetch,
+        publish_timeout=settings.publish_timeout,
+        connection_name=connection_name,
+    )
+
+
+def own_rabbit_bus(service: str) -> Callable[[Settings], Bus]:
+    """A service run on its own: its RabbitMQ connection, which it cannot run without."""
+
+    def open_bus(settings: Settings) -> Bus:
+        if not settings.amqp_url:
+            raise RuntimeError("PARLEY_AMQP_URL is required to run a service on its own")
+        return rabbit_bus(settings.amqp_url, settings, f"parley-{service}")
+
+    return open_bus
+
+
+def bus_ctx(
+    deps: Deps,
+    service: str,
+    open_bus: Callable[[Settings], Bus] | None = None,
+    *,
+    share: bool = False,
+) -> CleanupCtx:
+    """The process's bus when ``deps`` has one, else one opened with ``open_bus`` (by default
+    the service's own RabbitMQ connection), started, and closed at cleanup; with ``share``,
+    the one it opens is lent to the other services of the process (``deps.bus``)."""
+    opener = open_bus or own_rabbit_bus(service)
+
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         if deps.bus is not None:
             app[BUS] = deps.bus
             app[READY_CHECKS].update(deps.bus.ready_checks())
             yield
             return
-        settings = app[SETTINGS]
-        if not settings.amqp_url:
-            raise RuntimeError("PARLEY_AMQP_URL is required to run a service on its own")
-        bus = RabbitBus(
-            settings.amqp_url,
-            exchange=settings.amqp_exchange,
-            prefetch=settings.amqp_prefetch,
-            publish_timeout=settings.publish_timeout,
-            connection_name=f"parley-{service}",
-        )
+        bus = opener(app[SETTINGS])
         try:
             await bus.start()  # a start that fails halfway closes what it opened below
             app[BUS] = bus
+            if share:
+                deps.bus = bus
             app[READY_CHECKS].update(bus.ready_checks())
             yield
         finally:
@@ -341,6 +373,23 @@ def verifier_ctx(deps: Deps) -> CleanupCtx:
                 await verifier.close()
 
     return ctx
+
+
+def service_steps(
+    deps: Deps,
+    service: str,
+    indexes: Mapping[str, Sequence[IndexModel]],
+    *own: CleanupCtx,
+    verify: bool = True,
+) -> list[CleanupCtx]:
+    """A service's startup steps: its database (with ``indexes``), the bus, the credential
+    checks (``verify=False`` for the service that is the verifier), then its ``own`` steps."""
+    return [
+        database_ctx(deps, indexes),
+        bus_ctx(deps, service),
+        *([verifier_ctx(deps)] if verify else []),
+        *own,
+    ]
 
 
 def outbox_ctx(revlogs: Callable[[web.Application], Sequence[RevLog]]) -> CleanupCtx:

@@ -27,10 +27,9 @@ from shared.web import (
     DB,
     SETTINGS,
     Deps,
-    bus_ctx,
-    database_ctx,
     outbox_ctx,
     service_app,
+    service_steps,
 )
 
 from .domain import AuthDomain, LocalTokenIssuer, LocalVerifier, SettingsChange
@@ -210,12 +209,14 @@ def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
         yield
 
     app.cleanup_ctx.extend(
-        [
-            database_ctx(deps, INDEXES),
-            bus_ctx(deps, SERVICE),
+        service_steps(
+            deps,
+            SERVICE,
+            INDEXES,
             domain_ctx,
             outbox_ctx(lambda app: app[AUTH].repo.revlogs()),
-        ]
+            verify=False,
+        )
     )
     return app
 

@@ -25,12 +25,10 @@ from shared.web import (
     BUS,
     DB,
     Deps,
-    bus_ctx,
     cors_preflight,
-    database_ctx,
     outbox_ctx,
     service_app,
-    verifier_ctx,
+    service_steps,
 )
 
 from .domain import CustomerDomain, LocalCustomerDirectory
@@ -228,10 +226,10 @@ def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
         yield
 
     app.cleanup_ctx.extend(
-        [
-            database_ctx(deps, INDEXES),
-            bus_ctx(deps, SERVICE),
-            verifier_ctx(deps),
+        service_steps(
+            deps,
+            SERVICE,
+            INDEXES,
             resource_ctx(
                 TOKENS,
                 lambda settings: HttpTokenIssuer(settings.auth_url, settings.internal_secret),
@@ -240,7 +238,7 @@ def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
             domain_ctx,
             consumers_ctx(*CONSUMERS),
             outbox_ctx(lambda app: app[CUSTOMER].repo.revlogs()),
-        ]
+        )
     )
     return app
 

@@ -32,11 +32,9 @@ from shared.web import (
     BUS,
     DB,
     Deps,
-    bus_ctx,
-    database_ctx,
     outbox_ctx,
     service_app,
-    verifier_ctx,
+    service_steps,
 )
 
 from .domain import GroupsDomain, LocalGroupDirectory, snapshot
@@ -102,6 +100,12 @@ async def render_group(
 # ---- server API (S3–S10) ------------------------------------------------------------------
 
 
+async def server_group_call(request: web.Request) -> tuple[int, int, str]:
+    """The path's group, then scheme A: the app, the group and the request's id."""
+    gid = path_id(request, "gid")
+    return await server_auth(request), gid, request_id_of(request)
+
+
 async def create_group(request: web.Request) -> web.Response:
     appid = await server_auth(request)
     body = parse_model(CreateGroupRequest, await read_json(request))
@@ -112,29 +116,22 @@ async def create_group(request: web.Request) -> web.Response:
 
 
 async def rename_group(request: web.Request) -> web.Response:
-    gid = path_id(request, "gid")
-    appid = await server_auth(request)
+    appid, gid, rid = await server_group_call(request)
     body = parse_model(RenameRequest, await read_json(request))
-    await domain(request).do_update_group(
-        appid, gid, body.name, body.notice, request_id_of(request)
-    )
+    await domain(request).do_update_group(appid, gid, body.name, body.notice, rid)
     return empty_ok()
 
 
 async def disband_group(request: web.Request) -> web.Response:
-    gid = path_id(request, "gid")
-    appid = await server_auth(request)
-    await domain(request).disband(appid, gid, request_id_of(request))
+    appid, gid, rid = await server_group_call(request)
+    await domain(request).disband(appid, gid, rid)
     return success()
 
 
 async def add_members(request: web.Request) -> web.Response:
-    gid = path_id(request, "gid")
-    appid = await server_auth(request)
+    appid, gid, rid = await server_group_call(request)
     body = parse_add_body(await read_json(request))
-    added = await domain(request).do_add_members(
-        appid, gid, body.members, body.inviter, request_id_of(request)
-    )
+    added = await domain(request).do_add_members(appid, gid, body.members, body.inviter, rid)
     return success() if added else empty_ok()  # nothing listed: empty 200 (spec S6)
 
 
@@ -146,17 +143,15 @@ async def remove_member(request: web.Request) -> web.Response:
 
 
 async def remove_members(request: web.Request) -> web.Response:
-    gid = path_id(request, "gid")
-    appid = await server_auth(request)
+    appid, gid, rid = await server_group_call(request)
     members = parse_remove_body(await read_json(request))
-    await domain(request).do_remove_members(appid, gid, members, request_id_of(request))
+    await domain(request).do_remove_members(appid, gid, members, rid)
     return success()
 
 
 async def upgrade_group(request: web.Request) -> web.Response:
-    gid = path_id(request, "gid")
-    appid = await server_auth(request)
-    await domain(request).upgrade(appid, gid, request_id_of(request))
+    appid, gid, rid = await server_group_call(request)
+    await domain(request).upgrade(appid, gid, rid)
     return success()
 
 
@@ -413,14 +408,14 @@ def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
         yield
 
     app.cleanup_ctx.extend(
-        [
-            database_ctx(deps, INDEXES),
-            bus_ctx(deps, SERVICE),
-            verifier_ctx(deps),
+        service_steps(
+            deps,
+            SERVICE,
+            INDEXES,
             domain_ctx,
             consumers_ctx(*CONSUMERS),
             outbox_ctx(lambda app: [app[GROUPS].repo.log]),
-        ]
+        )
     )
     return app
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import structlog
 from aiohttp import web
@@ -39,11 +39,9 @@ from shared.web import (
     BUS,
     DB,
     Deps,
-    bus_ctx,
     cors_preflight,
-    database_ctx,
     service_app,
-    verifier_ctx,
+    service_steps,
 )
 
 from .delivery_api import LocalMessageStore, delivery_handlers
@@ -52,6 +50,7 @@ from .repository import INDEXES, Entry, MessagesRepository
 from .rules import CMD_CUSTOMER
 
 log = structlog.get_logger("parley.messages")
+M = TypeVar("M", bound=BaseModel)
 
 SERVICE = "messages"
 MESSAGES = web.AppKey("messages_domain", MessagesDomain)
@@ -101,67 +100,50 @@ class GroupNotificationRequest(BaseModel):
     content: Text
 
 
-async def injection_auth(request: web.Request) -> int:
-    """Scheme A, then the disabled-app check, both before the body is read (spec S11-S16)."""
+async def injection(request: web.Request, model: type[M]) -> tuple[int, M, str]:
+    """Scheme A, then the disabled-app check, both before the body is read (spec S11-S16);
+    then the body as ``model``: the app, the body and the request's id."""
     appid = await server_auth(request)
     domain(request).check_app_enabled(appid)
-    return appid
+    return appid, await read_model(request, model), request_id_of(request)
 
 
 # ---- S11-S16 ------------------------------------------------------------------------------
 
 
 async def post_peer(request: web.Request) -> web.Response:
-    appid = await injection_auth(request)
-    body = await read_model(request, PeerRequest)
-    await domain(request).post_peer(
-        appid, body.sender, body.receiver, body.content, request_id_of(request)
-    )
+    appid, body, rid = await injection(request, PeerRequest)
+    await domain(request).post_peer(appid, body.sender, body.receiver, body.content, rid)
     return empty_ok()
 
 
 async def post_group(request: web.Request) -> web.Response:
-    appid = await injection_auth(request)
-    body = await read_model(request, PeerRequest)
-    await domain(request).post_group(
-        appid, body.sender, body.receiver, body.content, request_id_of(request)
-    )
+    appid, body, rid = await injection(request, PeerRequest)
+    await domain(request).post_group(appid, body.sender, body.receiver, body.content, rid)
     return empty_ok()
 
 
 async def post_system(request: web.Request) -> web.Response:
-    appid = await injection_auth(request)
-    body = await read_model(request, SystemRequest)
-    await domain(request).post_system(
-        appid, body.receiver, body.receivers or [], body.content, request_id_of(request)
-    )
+    appid, body, rid = await injection(request, SystemRequest)
+    await domain(request).post_system(appid, body.receiver, body.receivers or [], body.content, rid)
     return empty_ok()
 
 
 async def post_notification(request: web.Request) -> web.Response:
-    appid = await injection_auth(request)
-    body = await read_model(request, NotificationRequest)
-    await domain(request).post_notification(
-        appid, body.receiver, body.content, request_id_of(request)
-    )
+    appid, body, rid = await injection(request, NotificationRequest)
+    await domain(request).post_notification(appid, body.receiver, body.content, rid)
     return empty_ok()
 
 
 async def post_group_notification(request: web.Request) -> web.Response:
-    appid = await injection_auth(request)
-    body = await read_model(request, GroupNotificationRequest)
-    await domain(request).post_group_notification(
-        appid, body.group_id, body.content, request_id_of(request)
-    )
+    appid, body, rid = await injection(request, GroupNotificationRequest)
+    await domain(request).post_group_notification(appid, body.group_id, body.content, rid)
     return empty_ok()
 
 
 async def post_room(request: web.Request) -> web.Response:
-    appid = await injection_auth(request)
-    body = await read_model(request, RoomRequest)
-    await domain(request).post_room(
-        appid, body.sender, body.receiver, body.content, request_id_of(request)
-    )
+    appid, body, rid = await injection(request, RoomRequest)
+    await domain(request).post_room(appid, body.sender, body.receiver, body.content, rid)
     return empty_ok()
 
 
@@ -371,10 +353,10 @@ def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
             await repo.close()
 
     app.cleanup_ctx.extend(
-        [
-            database_ctx(deps, INDEXES),
-            bus_ctx(deps, SERVICE),
-            verifier_ctx(deps),
+        service_steps(
+            deps,
+            SERVICE,
+            INDEXES,
             resource_ctx(
                 GROUP_DIRECTORY,
                 lambda settings: HttpGroupDirectory(settings.groups_url, settings.internal_secret),
@@ -395,7 +377,7 @@ def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
                 lambda app: functools.partial(app[MESSAGES].recover, settings.outbox_grace),
                 lambda settings: settings.outbox_relay_interval,
             ),
-        ]
+        )
     )
     return app
 

@@ -38,7 +38,7 @@ from shared.events import (
     SystemMessage,
     utcnow,
 )
-from shared.internal import CustomerDirectory, GroupDirectory
+from shared.internal import CustomerDirectory, GroupDirectory, GroupSnapshot
 from shared.jsonio import dumps
 from shared.mongo import Document
 
@@ -303,6 +303,12 @@ class MessagesDomain:
         if appid in self.policy.disabled_app_ids:
             raise ParleyError(DISABLED_APPID)
 
+    async def _existing_group(self, appid: int, gid: int) -> GroupSnapshot:
+        group = await self.groups.get_group(appid, gid)
+        if group is None:
+            raise ParleyError(GROUP_NON_EXISTS)
+        return group
+
     async def post_peer(
         self, appid: int, sender: int, receiver: int, content: str, rid: str = ""
     ) -> Post:
@@ -315,9 +321,7 @@ class MessagesDomain:
         self, appid: int, sender: int, gid: int, content: str, rid: str = ""
     ) -> Post:
         check_content(self.policy, content)
-        group = await self.groups.get_group(appid, gid)
-        if group is None:
-            raise ParleyError(GROUP_NON_EXISTS)
+        group = await self._existing_group(appid, gid)
         return await self.post(
             self._new(
                 appid,
@@ -363,9 +367,7 @@ class MessagesDomain:
     ) -> Post:
         """S15: a custom notification to the group's current members."""
         check_content(self.policy, content)
-        group = await self.groups.get_group(appid, gid)
-        if group is None:
-            raise ParleyError(GROUP_NON_EXISTS)
+        group = await self._existing_group(appid, gid)
         if not group.members:
             raise ParleyError(GROUP_NO_MEMBER)
         return await self.post(
