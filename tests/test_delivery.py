@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from parley.servers import free_port
@@ -519,5 +520,20 @@ async def test_commands_the_server_accepts_and_ignores(im: Stack, transport: Tra
         await client.send(19, key_body(77))  # LEAVE_ROOM of a room it is not in
         await client.send(PING)
         assert [f.cmd for f in await client.quiet(0.3)] == [PONG]
+    finally:
+        await client.close()
+
+
+async def test_websocket_path_and_message_limit(im: Stack) -> None:
+    addr = im.settings.delivery_ws_addr
+    async with aiohttp.ClientSession() as http, http.get(f"http://{addr}/other") as resp:
+        assert resp.status == 404  # the upgrade is served on /ws only (§1.5)
+    client = await connect(im, "ws")
+    try:
+        assert isinstance(client, WsClient)
+        # Over the 64 KiB WebSocket read limit: closed, whatever the frame inside says.
+        await client.socket.send_bytes(header(8, SYNC) + bytes(8) + bytes(70_000))
+        await client.wait_closed()
+        assert client.frames == []
     finally:
         await client.close()
