@@ -242,7 +242,8 @@ class DeliveryServer:
         conn.version = header.version
         conn.send(p.Out(p.AUTH_STATUS, p.encode_status(0)))
         self.registry.add_user(conn)
-        if self._is_agent(conn) and len(self.registry.user(*conn.key)) == 1:
+        first = len(self.registry.user(*conn.key)) == 1
+        if self._is_agent(conn) and first and not self._stopping:
             self._announce(conn.uid, "online")  # its first connection here
         log.debug("authenticated", appid=conn.appid, uid=conn.uid, transport=conn.transport)
 
