@@ -472,8 +472,11 @@ async def test_customer_messages_between_apps(mongo_url: str) -> None:
             await agent.close()
 
 
-async def visitor_sees(stack: Stack, shop: App, store_id: int, expected: str) -> None:
-    """Until ``/supporters`` (S18) reports the store's single agent ``expected``."""
+async def visitor_sees(
+    stack: Stack, shop: App, store_id: int, expected: str, timeout: float | None = 10.0
+) -> None:
+    """Until ``/supporters`` (S18) reports the store's single agent ``expected`` (within
+    ``timeout`` seconds; None: the caller's deadline)."""
     status, reply, _ = await stack.request(
         "POST",
         "/customer/register",
@@ -482,7 +485,7 @@ async def visitor_sees(stack: Stack, shop: App, store_id: int, expected: str) ->
     )
     assert status == 200, reply
     auth = {"Authorization": f"Bearer {reply['data']['token']}"}
-    async with asyncio.timeout(10):
+    async with asyncio.timeout(timeout):
         while True:
             status, reply, _ = await stack.request(
                 "GET", f"/supporters?store_id={store_id}", headers=auth

@@ -164,7 +164,10 @@ class DeliveryServer:
         while True:
             await asyncio.sleep(self.presence_interval)
             for seller_id in self.registry.uids(self.kefu_appid) if self.kefu_appid else ():
-                await self._publish(self._presence_event(seller_id, "online"))
+                # Still connected as the report is made (its time is taken now): an agent that
+                # left meanwhile has had its offline report, which this must not follow.
+                if self.registry.user(self.kefu_appid, seller_id):
+                    await self._publish(self._presence_event(seller_id, "online"))
 
     async def stop_presence(self) -> None:
         """Before the listeners close: every agent connected here is offline as far as this
