@@ -7,8 +7,8 @@
 * Agents' presence: a user of the customer-service app (an agent; its uid is the seller id)
   makes this replica publish ``agent.presence`` online at its first connection here and
   offline when its last one here closes, with the replica's id; the replica re-announces its
-  connected agents every ``delivery_presence_interval`` seconds and says offline for all of
-  them when it stops, and the customer service lets a crashed replica's reports lapse.
+  connected agents every ``delivery_presence_interval`` seconds (and its cleanup says offline
+  for them), and the customer service lets the reports of a replica gone silent lapse.
 * Events (``on_event``): every replica consumes every ``message.*`` (and ``delivery.*``) event
   on a queue of its own, and pushes to the connections it holds. So a message accepted
   anywhere reaches every connected device, whichever replica holds it.
