@@ -472,11 +472,8 @@ async def test_customer_messages_between_apps(mongo_url: str) -> None:
             await agent.close()
 
 
-async def visitor_sees(
-    stack: Stack, shop: App, store_id: int, expected: str, timeout: float | None = 10.0
-) -> None:
-    """Until ``/supporters`` (S18) reports the store's single agent ``expected`` (within
-    ``timeout`` seconds; None: the caller's deadline)."""
+async def visitor_sees(stack: Stack, shop: App, store_id: int, expected: str) -> None:
+    """Until ``/supporters`` (S18) reports the store's single agent ``expected``."""
     status, reply, _ = await stack.request(
         "POST",
         "/customer/register",
@@ -485,7 +482,7 @@ async def visitor_sees(
     )
     assert status == 200, reply
     auth = {"Authorization": f"Bearer {reply['data']['token']}"}
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(10):
         while True:
             status, reply, _ = await stack.request(
                 "GET", f"/supporters?store_id={store_id}", headers=auth

@@ -2,15 +2,13 @@
 the distributed stack: a user connected to one replica gets what is sent through the other
 and through REST; killing a replica loses nothing (the client reconnects elsewhere, syncs,
 and has every stored message exactly once). An agent connected to both replicas stays online
-while one of them holds a connection; a replica that stops says its agents are offline, and a
-killed replica's agents lapse to offline."""
+while one of them holds a connection, and a killed replica's agents lapse to offline."""
 
 from __future__ import annotations
 
 import asyncio
 import secrets
 import struct
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -26,8 +24,7 @@ from .conftest import App, Stack, _prepared_db, stack_settings, unique
 from .imclient import ACK, IM, SYNC_KEY, Client
 from .test_delivery import rest_peer, visitor_sees
 
-# A killed replica's agents lapse 10-15 s after its death; one that stops says so at once.
-PRESENCE_INTERVAL = 5.0
+PRESENCE_INTERVAL = 1.0  # so that a killed replica's agents lapse within seconds
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +85,7 @@ async def test_an_agent_on_two_replicas_is_online_until_both_close(
         assert await web.auth(await stack.token(agents, seller), 3, "web") == 0
         await visitor_sees(stack, shop, store_id, "online")
         await phone.close()  # replica 1 says offline; replica 2 still holds a connection
-        await asyncio.sleep(1.5 * PRESENCE_INTERVAL)  # both have re-announced meanwhile
+        await asyncio.sleep(2 * PRESENCE_INTERVAL)  # both have reported again meanwhile
         await visitor_sees(stack, shop, store_id, "online")
         await web.close()
         await visitor_sees(stack, shop, store_id, "offline")
@@ -128,8 +125,7 @@ async def test_replicas_share_every_message_and_a_killed_one_loses_none(
         one.kill()
         await bob.wait_closed()
         # The agent it held: offline once the dead replica's reports lapse.
-        async with asyncio.timeout(5 * PRESENCE_INTERVAL):
-            await visitor_sees(stack, shop, store_id, "offline", timeout=None)
+        await visitor_sees(stack, shop, store_id, "offline")
         for n in range(5):
             await alice.send_im(1, 2, f"while away {n}")
             await alice.next(ACK)
@@ -148,24 +144,3 @@ async def test_replicas_share_every_message_and_a_killed_one_loses_none(
     finally:
         await again.close()
         await alice.close()
-
-
-async def test_a_replica_that_stops_says_its_agents_are_offline(
-    cluster: tuple[Stack, Cluster],
-) -> None:
-    stack, running = cluster
-    two = running.delivery[1]
-    shop, agents, store_id, seller = await agent_desk(stack)
-    agent = await Client.tcp(two.extra["tcp"])
-    try:
-        assert await agent.auth(await stack.token(agents, seller), 2, "agent-phone") == 0
-        await visitor_sees(stack, shop, store_id, "online")
-        started = time.monotonic()
-        stopping = asyncio.create_task(asyncio.to_thread(two.stop))
-        await visitor_sees(stack, shop, store_id, "offline")
-        # Sooner than its reports could lapse: three intervals after its last re-announcement,
-        # which was at most one interval before the stop.
-        assert time.monotonic() - started < 1.5 * PRESENCE_INTERVAL
-        await stopping
-    finally:
-        await agent.close()
