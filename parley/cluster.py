@@ -63,6 +63,7 @@ def start_cluster(
         "PARLEY_REQUEST_TIMEOUT": str(settings.request_timeout),
         "PARLEY_MONGO_TIMEOUT": str(settings.mongo_timeout),
         "PARLEY_KEFU_APPID": str(settings.kefu_appid),
+        "PARLEY_DELIVERY_PRESENCE_INTERVAL": str(settings.delivery_presence_interval),
         # The edge nginx is on loopback: believe its X-Real-IP (the IP allow-list).
         "PARLEY_TRUSTED_PROXIES": '["127.0.0.1/32", "::1/128"]',
         "PARLEY_LOG_LEVEL": log_level,

@@ -367,14 +367,19 @@ class CustomerRegistered(Event):
 
 
 class AgentPresence(Event):
-    """An agent's status, published by whoever knows it (a delivery server seeing the agent's
-    connections, or ``POST /internal/agents/{seller_id}/presence``). ``appid`` is the app of the
-    agent's store."""
+    """An agent's status, published by whoever knows it: ``POST
+    /internal/agents/{seller_id}/presence`` (``appid``: the app of the agent's store), or a
+    delivery server seeing the agent's connections (``appid``: the customer-service app;
+    ``replica``: the server's id, random per process; ``ttl``: seconds the report holds unless
+    the server reports again). A server's report is about its own connections only: the agent
+    is online while some live server reports it online."""
 
     routing_key: ClassVar[str] = "agent.presence"
     version: Literal[1] = 1
     seller_id: int
     status: Literal["online", "offline"]
+    replica: str | None = Field(default=None, min_length=1, max_length=64)
+    ttl: float | None = Field(default=None, gt=0)
 
 
 class SupporterAssigned(Event):

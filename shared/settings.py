@@ -106,6 +106,9 @@ class Settings(BaseSettings):
     delivery_key_file: str = ""
     # A connection that sends no frame for this long is closed (wire protocol §5.4).
     delivery_idle_timeout: float = Field(default=360.0, gt=0)
+    # A delivery server re-announces its connected agents this often (seconds); the customer
+    # service takes a server that has not reported for three of these as gone.
+    delivery_presence_interval: float = Field(default=30.0, gt=0)
     # Where a delivery server reaches the messages service's internal API (distributed mode).
     messages_url: str = "http://127.0.0.1:8083"
 

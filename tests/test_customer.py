@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from datetime import timedelta
 from typing import Any
 
 import aiohttp
@@ -15,7 +16,7 @@ from services.auth.admin import AuthAdmin
 from services.customer.admin import CustomerAdmin
 from services.messages.admin import MessagesAdmin
 from shared.errors import ParleyError
-from shared.events import AgentAdded, AgentPresence, CustomerRegistered, StoreCreated
+from shared.events import AgentAdded, AgentPresence, CustomerRegistered, StoreCreated, utcnow
 
 from .conftest import App, Stack, md5_hex
 from .test_messages import parley_with
@@ -247,6 +248,72 @@ async def test_choosing_an_agent(stack: Stack) -> None:
         assert (status, reply) == (400, {"meta": {"code": 400, "message": expected}}), query
     status, reply, resp = await stack.request("GET", f"/v2/supporters?store_id={store_id}")
     assert status == 400 and resp.headers["Access-Control-Allow-Origin"] == "*"
+
+
+async def agent_status(stack: Stack, app: App, store_id: int, seller: int) -> str:
+    store = await CustomerAdmin(stack.db, stack.settings).store(app.appid, store_id)
+    assert store is not None
+    return next(a.status for a in store.agents if a.seller_id == seller)
+
+
+async def until_status(stack: Stack, app: App, store_id: int, seller: int, expected: str) -> None:
+    async with asyncio.timeout(10):
+        while await agent_status(stack, app, store_id, seller) != expected:
+            await asyncio.sleep(0.05)
+
+
+async def test_presence_from_several_delivery_servers(stack: Stack) -> None:
+    """Each delivery server reports the agent's connections it holds: the agent is online
+    while one of them says so, and a server that stops reporting (crashed) lapses."""
+    app, kefu = await stack.new_app(), await stack.new_app("kefu")
+    store_id, (ann, bob) = await desk(stack, app, ["ann", "bob"])
+
+    async def report(seller: int, status: str, replica: str, ttl: float = 60.0) -> None:
+        await stack.bus.publish_event(
+            AgentPresence(
+                appid=kefu.appid, seller_id=seller, status=status, replica=replica, ttl=ttl
+            )
+        )
+
+    await report(ann, "online", "replica-a")
+    await report(ann, "online", "replica-b")
+    await until_status(stack, app, store_id, ann, "online")
+    await report(ann, "offline", "replica-a")
+    customer = CustomerAdmin(stack.db, stack.settings)
+    async with asyncio.timeout(10):  # until replica-a's offline is recorded
+        while True:
+            store = await customer.store(app.appid, store_id)
+            assert store is not None
+            if store.agents[0].replicas.get("replica-a", (None, True))[1] is False:
+                break
+            await asyncio.sleep(0.05)
+    assert store.agents[0].status == "online"  # replica-b still says so
+    await report(ann, "offline", "replica-b")
+    await until_status(stack, app, store_id, ann, "offline")
+    # A report older than what the same server said last changes nothing.
+    stale = AgentPresence(
+        appid=kefu.appid,
+        seller_id=ann,
+        status="online",
+        replica="replica-b",
+        ttl=60.0,
+        occurred_at=utcnow() - timedelta(seconds=5),
+    )
+    await stack.bus.publish_event(stale)
+    await report(bob, "online", "replica-a")
+    await until_status(stack, app, store_id, bob, "online")
+    await asyncio.sleep(0.5)  # the stale report, published before bob's, has been consumed
+    assert await agent_status(stack, app, store_id, ann) == "offline"
+    # A server that stops re-announcing: its reports lapse after their ttl.
+    await report(ann, "online", "replica-c", ttl=4.0)
+    await until_status(stack, app, store_id, ann, "online")
+    await until_status(stack, app, store_id, ann, "offline")
+    await report(bob, "offline", "replica-a")
+    await until_status(stack, app, store_id, bob, "offline")
+    # Nobody online: the store's first agent, ann, whose lapsed status S18 reports too.
+    _, reply = await register(stack, app, {"appid": app.appid, "customer_id": "v-lapse"})
+    _, chosen = await supporter(stack, reply["data"]["token"], f"store_id={store_id}")
+    assert (chosen["data"]["seller_id"], chosen["data"]["status"]) == (ann, "offline")
 
 
 async def test_offline_count_by_customer_id(stack: Stack) -> None:

@@ -17,8 +17,9 @@ import pytest
 
 from parley.servers import free_port
 from services.auth.admin import AuthAdmin
+from services.customer.admin import CustomerAdmin
 
-from .conftest import App, Stack, _prepared_db, allinone_stack, stack_settings
+from .conftest import App, Stack, _prepared_db, allinone_stack, basic, stack_settings
 from .imclient import (
     ACK,
     AUTH_STATUS,
@@ -469,6 +470,70 @@ async def test_customer_messages_between_apps(mongo_url: str) -> None:
         finally:
             await visitor.close()
             await agent.close()
+
+
+async def visitor_sees(stack: Stack, shop: App, store_id: int, expected: str) -> None:
+    """Until ``/supporters`` (S18) reports the store's single agent ``expected``."""
+    status, reply, _ = await stack.request(
+        "POST",
+        "/customer/register",
+        json={"appid": shop.appid, "customer_id": "presence-visitor"},
+        headers={"Authorization": basic(shop.appid, shop.key)},
+    )
+    assert status == 200, reply
+    auth = {"Authorization": f"Bearer {reply['data']['token']}"}
+    async with asyncio.timeout(10):
+        while True:
+            status, reply, _ = await stack.request(
+                "GET", f"/supporters?store_id={store_id}", headers=auth
+            )
+            assert status == 200, reply
+            if reply["data"]["status"] == expected:
+                return
+            await asyncio.sleep(0.05)
+
+
+async def test_agent_presence_follows_connections(mongo_url: str) -> None:
+    """An agent (a user of the customer-service app) is online from its first connection to
+    its last: ``/supporters`` says so."""
+    settings = stack_settings(mongo_url, None)
+    client, db = await _prepared_db(settings)
+    try:
+        kefu = await AuthAdmin(db, settings).create_app("kefu")
+    finally:
+        await client.close()
+    settings = settings.model_copy(update={"kefu_appid": kefu.appid})
+    async with allinone_stack("local", settings) as stack:
+        shop = await stack.new_app("shop")
+        customer = CustomerAdmin(stack.db, stack.settings)
+        store_id = await customer.create_store(shop.appid, "desk")
+        seller = await customer.add_agent(shop.appid, store_id, "ann")
+        agent_app = App(kefu.appid, kefu.key, kefu.secret)
+        await visitor_sees(stack, shop, store_id, "offline")
+        # A user of another app with the seller's number is not the agent.
+        other = await online(stack, shop, seller, "tcp")
+        phone = await online(stack, agent_app, seller, "tcp", "phone")
+        try:
+            await visitor_sees(stack, shop, store_id, "online")
+            await other.close()
+            web = await online(stack, agent_app, seller, "ws", "web")
+            try:
+                await phone.close()
+                await asyncio.sleep(1.0)  # the close is seen; a second connection remains
+                await visitor_sees(stack, shop, store_id, "online")
+            finally:
+                await web.close()
+            await visitor_sees(stack, shop, store_id, "offline")
+            # Reconnecting: online again.
+            again = await online(stack, agent_app, seller, "tcp", "phone")
+            try:
+                await visitor_sees(stack, shop, store_id, "online")
+            finally:
+                await again.close()
+            await visitor_sees(stack, shop, store_id, "offline")
+        finally:
+            await phone.close()
+            await other.close()
 
 
 async def test_tls_listeners(mongo_url: str, tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Literal
 
 import structlog
@@ -37,6 +37,11 @@ from .rules import CustomerPolicy, check_profile, check_same_app
 log = structlog.get_logger("parley.customer")
 
 TOKEN_ATTEMPTS = 3
+# A delivery server's report of an agent whose ``ttl`` is missing holds this long (seconds).
+DEFAULT_REPORT_TTL = 90.0
+# A delivery server's "offline" about an agent is kept this long, so that an older "online"
+# from that server that arrives late is recognised as older.
+OFFLINE_REPORTS_KEPT = timedelta(days=1)
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,7 @@ class CustomerDomain:
         self.bus = bus
         self.policy = policy
         self.tokens = tokens
+        self._reported: dict[str, datetime] = {}  # delivery server -> until, as last written
 
     # ---- stores and agents (management) ----
 
@@ -145,6 +151,8 @@ class CustomerDomain:
             events: list[Event] = []
             if announce:
                 events.append(AgentPresence(appid=store.appid, seller_id=seller_id, status=status))
+            # A presence call states the agent's status outright: the delivery servers'
+            # reports are cleared (each re-announces its connected agents periodically).
             return {"op": "presence", "id": seller_id, "status": status, "at": at}, events
 
         try:
@@ -165,11 +173,86 @@ class CustomerDomain:
         return await self._presence(appid, seller_id, status, at or utcnow(), announce=True)
 
     async def on_presence_event(self, event: Event) -> None:
-        """``agent.presence`` from a delivery server (replays and stale ones change nothing)."""
-        if isinstance(event, AgentPresence):
+        """``agent.presence`` from a delivery server or the presence API (replays and stale
+        ones change nothing)."""
+        if not isinstance(event, AgentPresence):
+            return
+        if event.replica is None:
             await self._presence(
                 event.appid, event.seller_id, event.status, event.occurred_at, announce=False
             )
+            return
+        await self._replica_report(event, event.replica)
+
+    async def _replica_report(self, event: AgentPresence, replica: str) -> None:
+        """One delivery server's view of an agent's connections: the agent is online while
+        some server whose reports have not lapsed last said so."""
+        at = event.occurred_at
+        ttl = timedelta(seconds=event.ttl or DEFAULT_REPORT_TTL)
+        until = at + ttl
+        written = self._reported.get(replica)
+        if written is None or until > written + ttl / 3:  # a write per server per ttl / 3
+            await self.repo.replica_reported(replica, until)
+            self._reported[replica] = until
+        store_id = await self.repo.seller_store(event.seller_id)
+        owner = await self.repo.store_app(store_id) if store_id is not None else None
+        if store_id is None or owner is None:
+            return
+        online = event.status == "online"
+
+        def compute(current: Versioned) -> tuple[Document, list[Event]] | None:
+            agent = _agent(to_store(store_id, current.state), event.seller_id)
+            if agent is None:
+                return None
+            previous = agent.replicas.get(replica)
+            if previous is not None and previous[0] >= at:
+                return None  # this server has said something newer (or this, replayed)
+            if previous is not None and previous[1] == online and agent.status == event.status:
+                return None  # a re-announcement: nothing changes
+            if agent.status_at is not None and agent.status_at >= at and not agent.replicas:
+                return None  # older than a presence call
+            reports = {
+                rid: (rat, on)
+                for rid, (rat, on) in agent.replicas.items()
+                if on or rat > at - OFFLINE_REPORTS_KEPT
+            }
+            reports[replica] = (at, online)
+            status = "online" if any(on for _, on in reports.values()) else "offline"
+            delta = {
+                "op": "presence",
+                "id": event.seller_id,
+                "status": status,
+                "at": at,
+                "r": {rid: [rat, on] for rid, (rat, on) in reports.items()},
+            }
+            return delta, []
+
+        try:
+            await self.repo.change_store(owner, store_id, compute, self.bus)
+        except Conflict:
+            raise ParleyError("store busy, retry", status=503) from None
+
+    async def _live(self, store: Store) -> Store:
+        """The store with each agent's status as of now: an agent that only delivery servers
+        whose reports have lapsed (a crashed server) said was online is offline."""
+        reporting = {
+            rid
+            for agent in store.agents
+            if agent.status == "online"
+            for rid, (_, on) in agent.replicas.items()
+            if on
+        }
+        if not reporting:
+            return store
+        until = await self.repo.replicas_until(sorted(reporting))
+        now = utcnow()
+        agents = []
+        for agent in store.agents:
+            live = [rid for rid, (_, on) in agent.replicas.items() if on]
+            if agent.status == "online" and live and all(until.get(r, now) <= now for r in live):
+                agent = agent.model_copy(update={"status": "offline"})
+            agents.append(agent)
+        return store.model_copy(update={"agents": agents})
 
     # ---- visitors ----
 
@@ -292,7 +375,8 @@ class CustomerDomain:
 
     async def store(self, appid: int, store_id: int) -> Store | None:
         """The app's store ``store_id`` as of now (None: not this app's)."""
-        return await self.repo.store(appid, store_id)
+        store = await self.repo.store(appid, store_id)
+        return await self._live(store) if store is not None else None
 
     async def store_sellers(self, appid: int, store_id: int) -> list[int]:
         """The seller ids of the app's store ``store_id`` ([]: not this app's)."""

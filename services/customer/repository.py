@@ -3,9 +3,13 @@
 
 * ``customer_desk_revs|heads|pending``: each store is a log keyed ``"<store_id>"``; deltas
   ``{op: "create", s}``, ``{op: "agent", id, name}`` (an agent joins),
-  ``{op: "presence", id, status, at}``, ``{op: "drop"}``, ``{op: "claimed"}`` (the app's claim
-  is held: the revision that announces the store); the state is ``{appid, name,
-  agents: {"<seller_id>": [name, status, status_at]}}``.
+  ``{op: "presence", id, status, at, r}``, ``{op: "drop"}``, ``{op: "claimed"}`` (the app's
+  claim is held: the revision that announces the store); the state is ``{appid, name,
+  agents: {"<seller_id>": [name, status, status_at, replicas]}}``, ``replicas`` the latest
+  report of each delivery server about the agent, ``{"<replica>": [at, online]}`` (``r``; left
+  out by a presence call, which clears them).
+* ``customer_replicas``: ``{_id: "<replica>", until}``, when a delivery server's reports
+  lapse (it re-announces before then while it runs).
 * ``customer_keys``: insert-only claims: ``{_id: "app:<appid>", store_id}`` (one store per
   app: the first insert wins) and ``{_id: "seller:<seller_id>", store_id}``. They never
   change, so a process keeps what it has read.
@@ -37,13 +41,14 @@ from shared.bus import Bus
 from shared.events import Event, utcnow
 from shared.idblocks import IdBlocks
 from shared.legacy import insert_new, outbox_events, write_first_revisions
-from shared.mongo import Collection, Database, Document
+from shared.mongo import Collection, Database, Document, by_ids
 from shared.revlog import Compute, RevLog, Versioned
 
 DESKS = "customer_desk"
 VISITORS = "customer_visitor"
 ASSIGNMENTS = "customer_assign"
 KEYS = "customer_keys"
+REPLICAS = "customer_replicas"
 COUNTERS = "customer_counters"
 LEGACY_STORES = "customer_stores"
 LEGACY_AGENTS = "customer_agents"
@@ -62,6 +67,8 @@ class Agent(BaseModel):
     name: str
     status: str = "offline"
     status_at: datetime | None = None
+    # The latest report of each delivery server: its time, and whether the agent is connected.
+    replicas: dict[str, tuple[datetime, bool]] = {}
 
 
 class Store(BaseModel):
@@ -101,7 +108,7 @@ def fold_desk(state: Document | None, delta: Document) -> Document | None:
     if op == "agent":
         agents.setdefault(key, [delta["name"], "offline", None])
     elif op == "presence" and key in agents:
-        agents[key] = [agents[key][0], delta["status"], delta["at"]]
+        agents[key] = [agents[key][0], delta["status"], delta["at"], delta.get("r", {})]
     return {**state, "agents": agents}
 
 
@@ -113,7 +120,13 @@ def to_store(store_id: int, state: Document | None) -> Store | None:
     if state is None:
         return None
     agents = [
-        Agent(seller_id=int(sid), name=entry[0], status=entry[1], status_at=entry[2])
+        Agent(
+            seller_id=int(sid),
+            name=entry[0],
+            status=entry[1],
+            status_at=entry[2],
+            replicas={r: (at, online) for r, (at, online) in (entry[3:4] or [{}])[0].items()},
+        )
         for sid, entry in state["agents"].items()
     ]
     return Store(
@@ -136,6 +149,7 @@ class CustomerRepository:
         self.assignments = RevLog(db, ASSIGNMENTS, fold_fields)
         self.keys: Collection = db[KEYS]
         self.counters: Collection = db[COUNTERS]
+        self.replicas: Collection = db[REPLICAS]
         self._client_id_base = client_id_base
         self._store_ids = IdBlocks(self.counters, "store", size=1)
         self._seller_ids = IdBlocks(self.counters, "seller", size=1)
@@ -228,6 +242,17 @@ class CustomerRepository:
         after, _ = await self.desks.change(str(store_id), scoped, bus=bus, new=new)
         store = to_store(store_id, after.state)
         return store if store is not None and store.appid == appid else None
+
+    # ---- delivery servers ----
+
+    async def replica_reported(self, replica: str, until: datetime) -> None:
+        """A delivery server's reports hold until ``until``."""
+        await self.replicas.replace_one({"_id": replica}, {"until": until}, upsert=True)
+
+    async def replicas_until(self, replicas: Sequence[str]) -> dict[str, datetime]:
+        """When each delivery server's reports lapse (absent: unknown, lapsed)."""
+        found = await by_ids(self.replicas, replicas)
+        return {rid: doc["until"] for rid, doc in found.items()}
 
     # ---- visitors ----
 

@@ -9,6 +9,8 @@ the connections it holds. Its HTTP port serves only ``/healthz``, ``/readyz`` an
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 
@@ -39,7 +41,12 @@ def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
 
     async def delivery_ctx(app: web.Application) -> AsyncIterator[None]:
         server = DeliveryServer(
-            app[VERIFIER], app[STORE], app[GROUPS], app[BUS], kefu_appid=settings.kefu_appid
+            app[VERIFIER],
+            app[STORE],
+            app[GROUPS],
+            app[BUS],
+            kefu_appid=settings.kefu_appid,
+            presence_interval=settings.delivery_presence_interval,
         )
         app[SERVER] = server
         listeners = app[LISTENERS] = Listeners(server, settings.delivery_idle_timeout)
@@ -63,7 +70,14 @@ def create_app(settings: Settings, deps: Deps | None = None) -> web.Application:
                 if settings.delivery_wss_addr:
                     await listeners.start_ws(settings.delivery_wss_addr, context)
             log.info("delivery listening", addresses=listeners.addresses)
-            yield
+            announcing = asyncio.create_task(server.announce_agents(), name="agent-presence")
+            try:
+                yield
+            finally:
+                announcing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await announcing
+                await server.stop_presence()
         finally:
             await listeners.stop()
             await subscription.cancel()

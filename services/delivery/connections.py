@@ -48,6 +48,11 @@ class Connection:
     def authenticated(self) -> bool:
         return self.uid != 0
 
+    @property
+    def key(self) -> tuple[int, int]:
+        """The user, as ``(appid, uid)``."""
+        return self.appid, self.uid
+
     def send(self, *frames: Out) -> None:
         """Queue frames, written back-to-back in this order."""
         if self.closed:
@@ -98,11 +103,15 @@ class Registry:
     def add_user(self, conn: Connection) -> None:
         self._users.setdefault((conn.appid, conn.uid), set()).add(conn)
 
-    def user(self, appid: int, uid: int) -> Iterable[Connection]:
+    def user(self, appid: int, uid: int) -> tuple[Connection, ...]:
         return tuple(self._users.get((appid, uid), ()))
 
     def users(self) -> int:
         return len(self._users)
+
+    def uids(self, appid: int) -> list[int]:
+        """The users of ``appid`` connected here."""
+        return [uid for a, uid in self._users if a == appid]
 
     def enter_room(self, conn: Connection, room: int) -> None:
         self.leave_room(conn)

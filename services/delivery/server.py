@@ -4,6 +4,11 @@
   order (``handle``): authentication through the auth service, sync from the messages
   service's inboxes, client sends stored through the messages service exactly as REST-sent
   messages are, rooms and RT through the bus.
+* Agents' presence: a user of the customer-service app (an agent; its uid is the seller id)
+  makes this replica publish ``agent.presence`` online at its first connection here and
+  offline when its last one here closes, with the replica's id; the replica re-announces its
+  connected agents every ``delivery_presence_interval`` seconds (and its cleanup says offline
+  for them), and the customer service lets the reports of a replica gone silent lapse.
 * Events (``on_event``): every replica consumes every ``message.*`` (and ``delivery.*``) event
   on a queue of its own, and pushes to the connections it holds. So a message accepted
   anywhere reaches every connected device, whichever replica holds it.
@@ -28,6 +33,7 @@ from shared.auth import TokenOwner, Verifier
 from shared.bus import Bus
 from shared.errors import ParleyError
 from shared.events import (
+    AgentPresence,
     CustomerMessage,
     Event,
     GroupMessage,
@@ -103,6 +109,7 @@ class DeliveryServer:
         bus: Bus,
         *,
         kefu_appid: int = 0,
+        presence_interval: float = 30.0,
     ) -> None:
         self.verifier = verifier
         self.store = store
@@ -112,6 +119,10 @@ class DeliveryServer:
         self.registry = Registry()
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._resolving: dict[str, asyncio.Future[TokenOwner]] = {}
+        self.replica = uuid.uuid4().hex[:16]  # this process, in its agents' presence reports
+        self.presence_interval = presence_interval
+        self._announcing: set[asyncio.Task[bool]] = set()
+        self._stopping = False
 
     # ---- connections ----
 
@@ -123,6 +134,49 @@ class DeliveryServer:
         self.registry.connections -= 1
         CONNECTIONS.labels(conn.transport).dec()
         self.registry.remove(conn)
+        if self._is_agent(conn) and not self._stopping and not self.registry.user(*conn.key):
+            self._announce(conn.uid, "offline")  # its last connection here
+
+    # ---- agents' presence ----
+
+    def _is_agent(self, conn: Connection) -> bool:
+        return conn.authenticated and bool(self.kefu_appid) and conn.appid == self.kefu_appid
+
+    def _presence_event(self, seller_id: int, status: str) -> AgentPresence:
+        return AgentPresence(
+            appid=self.kefu_appid,
+            seller_id=seller_id,
+            status="online" if status == "online" else "offline",
+            replica=self.replica,
+            ttl=3 * self.presence_interval,
+        )
+
+    def _announce(self, seller_id: int, status: str) -> None:
+        """Publish in the background (the event's time is taken now, so the customer service
+        orders this replica's reports however they arrive)."""
+        task = asyncio.create_task(self._publish(self._presence_event(seller_id, status)))
+        self._announcing.add(task)
+        task.add_done_callback(self._announcing.discard)
+
+    async def announce_agents(self) -> None:
+        """Every ``presence_interval``: this replica's connected agents are online (so their
+        status outlives no crash of this replica by more than three intervals)."""
+        while True:
+            await asyncio.sleep(self.presence_interval)
+            for seller_id in self.registry.uids(self.kefu_appid) if self.kefu_appid else ():
+                # Still connected as the report is made (its time is taken now): an agent that
+                # left meanwhile has had its offline report, which this must not follow.
+                if self.registry.user(self.kefu_appid, seller_id):
+                    await self._publish(self._presence_event(seller_id, "online"))
+
+    async def stop_presence(self) -> None:
+        """Before the listeners close: every agent connected here is offline as far as this
+        replica knows (published once, not per closing connection)."""
+        self._stopping = True
+        for seller_id in self.registry.uids(self.kefu_appid) if self.kefu_appid else ():
+            await self._publish(self._presence_event(seller_id, "offline"))
+        if self._announcing:
+            await asyncio.gather(*self._announcing, return_exceptions=True)
 
     # ---- client frames ----
 
@@ -191,6 +245,9 @@ class DeliveryServer:
         conn.version = header.version
         conn.send(p.Out(p.AUTH_STATUS, p.encode_status(0)))
         self.registry.add_user(conn)
+        first = len(self.registry.user(*conn.key)) == 1
+        if self._is_agent(conn) and first and not self._stopping:
+            self._announce(conn.uid, "online")  # its first connection here
         log.debug("authenticated", appid=conn.appid, uid=conn.uid, transport=conn.transport)
 
     async def _resolve(self, token: str) -> TokenOwner:
