@@ -121,12 +121,7 @@ class Registry:
     def leave_room(self, conn: Connection) -> None:
         if not conn.room:
             return
-        key = (conn.appid, conn.room)
-        occupants = self._rooms.get(key)
-        if occupants is not None:
-            occupants.discard(conn)
-            if not occupants:
-                del self._rooms[key]
+        _discard(self._rooms, (conn.appid, conn.room), conn)
         conn.room = 0
 
     def room(self, appid: int, room: int) -> Iterable[Connection]:
@@ -135,9 +130,15 @@ class Registry:
     def remove(self, conn: Connection) -> None:
         self.leave_room(conn)
         if conn.authenticated:
-            key = (conn.appid, conn.uid)
-            devices = self._users.get(key)
-            if devices is not None:
-                devices.discard(conn)
-                if not devices:
-                    del self._users[key]
+            _discard(self._users, (conn.appid, conn.uid), conn)
+
+
+def _discard(
+    groups: dict[tuple[int, int], set[Connection]], key: tuple[int, int], conn: Connection
+) -> None:
+    """Take ``conn`` out of its set under ``key``; a set left empty goes."""
+    members = groups.get(key)
+    if members is not None:
+        members.discard(conn)
+        if not members:
+            del groups[key]

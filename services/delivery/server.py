@@ -25,6 +25,7 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Literal
 
 import structlog
 from prometheus_client import Gauge, Histogram
@@ -45,7 +46,7 @@ from shared.events import (
     SystemMessage,
     utcnow,
 )
-from shared.inboxes import DeliveryPost, InboxEntry, MessageStore
+from shared.inboxes import DeliveryPost, InboxEntry, MessageStore, Stored
 from shared.internal import GroupDirectory, GroupSnapshot
 from shared.metrics import LATENCY_BUCKETS, REGISTRY
 
@@ -265,8 +266,22 @@ class DeliveryServer:
     async def _peer(self, conn: Connection, header: p.Header, msg: p.IMMessage) -> None:
         if msg.sender != conn.uid or len(msg.content) > p.MAX_IM_CONTENT:
             return  # dropped, no ACK (§8.1, §12.39)
+        done, stored = await self._store_im(conn, "peer", msg)
+        if not done:
+            return
+        key = stored.keys.get(conn.uid) if stored is not None else None
+        if key is None:
+            return
+        conn.send(p.out_metadata(key, key - 1), p.out_ack(header.seq))
+
+    async def _store_im(
+        self, conn: Connection, kind: Literal["peer", "group"], msg: p.IMMessage
+    ) -> tuple[bool, Stored | None]:
+        """Store a client's IM through the messages service, under an id that names the sending
+        device: (False, None) when storing failed (no ACK: the SDK sends it again), else (True,
+        what was stored; None for a group that is gone)."""
         post = DeliveryPost(
-            kind="peer",
+            kind=kind,
             msg_id=origin_id(conn.device, msg.msgid),
             appid=conn.appid,
             sender=conn.uid,
@@ -274,14 +289,10 @@ class DeliveryServer:
             content=_content(msg.content),
         )
         try:
-            stored = await self.store.post(post)
+            return True, await self.store.post(post)
         except Exception as exc:
-            log.warning("storing a peer message failed", error=repr(exc))
-            return
-        key = stored.keys.get(conn.uid) if stored is not None else None
-        if key is None:
-            return
-        conn.send(p.out_metadata(key, key - 1), p.out_ack(header.seq))
+            log.warning("storing a client message failed", kind=kind, error=repr(exc))
+            return False, None
 
     async def _load_group(self, appid: int, gid: int) -> GroupSnapshot | None:
         try:
@@ -301,18 +312,8 @@ class DeliveryServer:
             # Muted senders are told too, as non-members (wire protocol §12.5).
             conn.send(p.out_ack(header.seq, p.ACK_NOT_GROUP_MEMBER))
             return
-        post = DeliveryPost(
-            kind="group",
-            msg_id=origin_id(conn.device, msg.msgid),
-            appid=conn.appid,
-            sender=conn.uid,
-            receiver=msg.receiver,
-            content=_content(msg.content),
-        )
-        try:
-            stored = await self.store.post(post)
-        except Exception as exc:
-            log.warning("storing a group message failed", error=repr(exc))
+        done, stored = await self._store_im(conn, "group", msg)
+        if not done:
             return  # no ACK, for super groups too (§12.6)
         if stored is None:
             conn.send(p.out_ack(header.seq, p.ACK_GROUP_NONEXIST))
