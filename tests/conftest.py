@@ -25,8 +25,10 @@ import hashlib
 import os
 import secrets
 import shutil
+import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field
@@ -41,6 +43,7 @@ from aiohttp.web_runner import BaseRunner
 from parley.allinone import ALL_IN_ONE, create_allinone_app
 from parley.cluster import start_cluster
 from parley.servers import (
+    REPO_ROOT,
     Process,
     free_port,
     start_ferretdb,
@@ -84,6 +87,49 @@ def parley_run_argv(http: int, mongo: int, data: Path) -> list[str]:
         "--embedded-mongo-addr",
         f"127.0.0.1:{mongo}",
     ]
+
+
+def start_parley_run(
+    directory: Path,
+    http: int,
+    mongo: int,
+    name: str = "run",
+    env: dict[str, str] | None = None,
+) -> tuple[subprocess.Popen[bytes], Path, str]:
+    """``parley run`` in a subprocess (data in ``directory/data``, output in
+    ``directory/<name>.out``), once its banner with the curl line is out (it is printed when the
+    port accepts connections): the process, its output file and the banner."""
+    out = directory / f"{name}.out"
+    with open(out, "wb") as sink:
+        process = subprocess.Popen(
+            parley_run_argv(http, mongo, directory / "data"),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+            env={**os.environ, **(env or {})},
+        )
+    deadline = time.monotonic() + 60
+    while "curl" not in (text := out.read_text(errors="replace")):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            process.wait(10)
+            raise AssertionError(f"parley run did not start:\n{text}")
+        time.sleep(0.1)
+    return process, out, text
+
+
+@pytest.fixture(params=["local", "rabbit"])
+async def bus(request: pytest.FixtureRequest) -> AsyncIterator[Bus]:
+    """A bus of each kind on its own (the in-process one, and RabbitMQ on a fresh exchange)."""
+    transport: Bus
+    if request.param == "local":
+        transport = LocalBus()
+    else:
+        url = request.getfixturevalue("amqp_url")
+        transport = RabbitBus(url, exchange=unique("parley.bus-test."), prefetch=8)
+    await transport.start()
+    yield transport
+    await transport.close()
 
 
 class Sentinel(Event):

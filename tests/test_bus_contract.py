@@ -5,32 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aio_pika
 import pytest
 
-from shared.bus import Bus, LocalBus, RabbitBus
+from shared.bus import Bus, RabbitBus
 from shared.events import Event, TokenGranted, UserSettingsChanged
 from shared.mongo import make_client
 
 from .conftest import unique
 
 WAIT = 10.0
-
-
-@pytest.fixture(params=["local", "rabbit"])
-async def bus(request: pytest.FixtureRequest) -> AsyncIterator[Bus]:
-    transport: Bus
-    if request.param == "local":
-        transport = LocalBus()
-    else:
-        url = request.getfixturevalue("amqp_url")
-        transport = RabbitBus(url, exchange=unique("parley.contract."), prefetch=8)
-    await transport.start()
-    yield transport
-    await transport.close()
 
 
 def granted(uid: int, appid: int = 1) -> TokenGranted:

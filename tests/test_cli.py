@@ -25,7 +25,7 @@ from shared.mongo import make_client
 from shared.routing import SERVICES
 from shared.settings import Settings
 
-from .conftest import PARLEY, parley_run_argv
+from .conftest import PARLEY, start_parley_run
 
 
 def parley(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -43,20 +43,8 @@ def parley(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 def running(tmp_path: Path) -> Iterator[tuple[str, str, Path]]:
     """``parley run`` in a subprocess: (base URL, its output so far, data dir)."""
     http, mongo = free_port(), free_port()
-    out = tmp_path / "run.out"
-    with open(out, "w") as sink:
-        process = subprocess.Popen(
-            parley_run_argv(http, mongo, tmp_path / "data"),
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            cwd=REPO_ROOT,
-        )
+    process, _, _ = start_parley_run(tmp_path, http, mongo)
     try:
-        deadline = time.monotonic() + 60
-        while "curl" not in out.read_text():
-            assert process.poll() is None, out.read_text()
-            assert time.monotonic() < deadline, out.read_text()
-            time.sleep(0.1)
         yield f"http://127.0.0.1:{http}", f"mongodb://127.0.0.1:{mongo}/", tmp_path / "data"
     finally:
         process.terminate()

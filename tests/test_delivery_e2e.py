@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import struct
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,9 +17,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from parley.servers import REPO_ROOT, free_port
+from parley.servers import free_port
 
-from .conftest import basic, parley_run_argv
+from .conftest import basic, start_parley_run
 from .imclient import ACK, ENTER_ROOM, GROUP_IM, IM, METADATA, ROOM_IM, SYNC_GROUP, Client
 
 
@@ -30,23 +27,9 @@ from .imclient import ACK, ENTER_ROOM, GROUP_IM, IM, METADATA, ROOM_IM, SYNC_GRO
 def parley_run(tmp_path: Path) -> Iterator[dict[str, str]]:
     http, mongo = free_port(), free_port()
     tcp, ws = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    out = tmp_path / "run.out"
-    env = {**os.environ, "PARLEY_DELIVERY_TCP_ADDR": tcp, "PARLEY_DELIVERY_WS_ADDR": ws}
-    with open(out, "w") as sink:
-        process = subprocess.Popen(
-            parley_run_argv(http, mongo, tmp_path / "data"),
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            cwd=REPO_ROOT,
-            env=env,
-        )
+    env = {"PARLEY_DELIVERY_TCP_ADDR": tcp, "PARLEY_DELIVERY_WS_ADDR": ws}
+    process, _, text = start_parley_run(tmp_path, http, mongo, env=env)
     try:
-        deadline = time.monotonic() + 60
-        while "curl" not in out.read_text():
-            assert process.poll() is None, out.read_text()
-            assert time.monotonic() < deadline, out.read_text()
-            time.sleep(0.1)
-        text = out.read_text()
         appid = re.search(r"appid:\s+(\d+)", text)
         secret = re.search(r"secret:\s+(\S+)", text)
         assert appid is not None and secret is not None

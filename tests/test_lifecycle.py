@@ -10,7 +10,6 @@ import gc
 import itertools
 import random
 import re
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aio_pika
@@ -23,7 +22,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from parley.allinone import SERVICE_FACTORIES, create_allinone_app
 from parley.servers import free_port
 from services.messages.app import create_app as create_messages
-from shared.bus import Bus, DeadLetter, LocalBus, RabbitBus
+from shared.bus import Bus, DeadLetter, LocalBus
 from shared.events import Event, TokenGranted
 from shared.gateway import ingress_prefixes, render_ingress, render_nginx
 from shared.internal import INTERNAL_SECRET_HEADER
@@ -189,19 +188,6 @@ async def test_each_internal_row_is_behind_the_secret_check_and_no_public_row_is
 
 
 # ---- consumers ----------------------------------------------------------------------------
-
-
-@pytest.fixture(params=["local", "rabbit"])
-async def bus(request: pytest.FixtureRequest) -> AsyncIterator[Bus]:
-    transport: Bus
-    if request.param == "local":
-        transport = LocalBus()
-    else:
-        url = request.getfixturevalue("amqp_url")
-        transport = RabbitBus(url, exchange=unique("parley.lifecycle."), prefetch=8)
-    await transport.start()
-    yield transport
-    await transport.close()
 
 
 async def test_a_handler_past_its_deadline_fails_the_delivery(bus: Bus) -> None:

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from parley.servers import REPO_ROOT, free_port, port_open
 
-from .conftest import PARLEY, parley_run_argv
+from .conftest import PARLEY, start_parley_run
 
 # Processes killed, stalled and restarted: slow (``-m "not slow"`` leaves them out; CI runs them).
 pytestmark = pytest.mark.slow
@@ -56,20 +56,8 @@ def get(url: str, *, data: bytes | None = None, auth: str | None = None) -> tupl
 
 
 def start_run(tmp_path: Path, http: int, mongo: int, name: str = "run") -> Run:
-    out = tmp_path / f"{name}.out"
-    with open(out, "wb") as sink:
-        process = subprocess.Popen(
-            parley_run_argv(http, mongo, tmp_path / "data"),
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            cwd=REPO_ROOT,
-            env={**os.environ, "PARLEY_REQUEST_TIMEOUT": str(REQUEST_TIMEOUT)},
-        )
-    deadline = time.monotonic() + 60
-    while "curl" not in (text := out.read_text(errors="replace")):
-        assert process.poll() is None, text
-        assert time.monotonic() < deadline, text
-        time.sleep(0.1)
+    env = {"PARLEY_REQUEST_TIMEOUT": str(REQUEST_TIMEOUT)}
+    process, out, text = start_parley_run(tmp_path, http, mongo, name, env)
     basic = text.split(" -u ", 1)[1].split()[0]
     return Run(process, f"http://127.0.0.1:{http}", mongo, out, basic)
 
