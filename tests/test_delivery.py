@@ -16,8 +16,9 @@ import aiohttp
 import pytest
 
 from parley.servers import free_port
-from services.auth.admin import AuthAdmin
+from services.auth.admin import AppCredentials, AuthAdmin
 from services.customer.admin import CustomerAdmin
+from shared.settings import Settings
 
 from .conftest import App, Stack, _prepared_db, allinone_stack, basic, stack_settings
 from .imclient import (
@@ -431,14 +432,19 @@ async def test_idle_connections_are_closed(mongo_url: str) -> None:
             await client.close()
 
 
-async def test_customer_messages_between_apps(mongo_url: str) -> None:
-    settings = stack_settings(mongo_url, None)
+async def with_kefu_app(settings: Settings) -> tuple[Settings, AppCredentials]:
+    """The customer-service app, made before the stack starts (it is configured), and the
+    settings naming it (``PARLEY_KEFU_APPID``)."""
     client, db = await _prepared_db(settings)
-    try:  # the customer-service app exists before the stack starts: it is configured
+    try:
         kefu = await AuthAdmin(db, settings).create_app("kefu")
     finally:
         await client.close()
-    settings = settings.model_copy(update={"kefu_appid": kefu.appid})
+    return settings.model_copy(update={"kefu_appid": kefu.appid}), kefu
+
+
+async def test_customer_messages_between_apps(mongo_url: str) -> None:
+    settings, kefu = await with_kefu_app(stack_settings(mongo_url, None))
     async with allinone_stack("local", settings) as stack:
         shop = await stack.new_app("shop")
         agent_app = App(kefu.appid, kefu.key, kefu.secret)

@@ -22,7 +22,7 @@ from shared.bus import RabbitBus
 
 from .conftest import App, Stack, _prepared_db, stack_settings, unique
 from .imclient import ACK, IM, SYNC_KEY, Client
-from .test_delivery import rest_peer, visitor_sees
+from .test_delivery import rest_peer, visitor_sees, with_kefu_app
 
 PRESENCE_INTERVAL = 1.0  # so that a killed replica's agents lapse within seconds
 
@@ -31,16 +31,10 @@ PRESENCE_INTERVAL = 1.0  # so that a killed replica's agents lapse within second
 async def cluster(
     mongo_url: str, amqp_url: str, workdir: Path
 ) -> AsyncIterator[tuple[Stack, Cluster]]:
-    settings = stack_settings(mongo_url, amqp_url)
-    client, db = await _prepared_db(settings)
-    try:  # the customer-service app exists before the cluster starts: it is configured
-        kefu = await AuthAdmin(db, settings).create_app("kefu")
-    finally:
-        await client.close()
+    settings, _ = await with_kefu_app(stack_settings(mongo_url, amqp_url))
     settings = settings.model_copy(
         update={
             "internal_secret": secrets.token_urlsafe(32),
-            "kefu_appid": kefu.appid,
             "delivery_presence_interval": PRESENCE_INTERVAL,
         }
     )
